@@ -1,0 +1,353 @@
+"""FID / IS / precision-recall library: parity with shared/fixtures (README_fid_metrics.md)."""
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import iscs
+from evaluate import (FID_WEIGHTS_NAME, FID_WEIGHTS_URL, STAGES, FIDInceptionV3, inception_features,
+                      inception_score, inception_score_per_split, kth_nn_sq_radii, load_fid_inception,
+                      precision_recall, preprocess_uint8)
+from iscs import feature_stats, frechet_distance
+
+# float64 vs outputs_f64: measured max abs error 2.8e-17 (logits 5.6e-17) on this CPU; the
+# README's 1e-14 leaves room for other BLAS/conv kernels and still catches every variant.
+ATOL_F64 = 1e-14
+# float32 vs outputs_f32: measured 1.5e-8 (pool3) / 2.2e-8 (logits) / 1.5e-8 (stage means).
+ATOL_F32_HEAD = 5e-8
+ATOL_F32_EARLY = 1e-7
+
+
+@pytest.fixture(scope='module')
+def rule(fixtures_dir):
+    spec = importlib.util.spec_from_file_location('weight_rule_inception', fixtures_dir / 'weight_rule_inception.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope='module')
+def parity(fixtures_dir):
+    return torch.load(fixtures_dir / 'fid_inception_parity.pt', weights_only=True)
+
+
+@pytest.fixture(scope='module')
+def ref(fixtures_dir):
+    return torch.load(fixtures_dir / 'frechet_reference.pt', weights_only=True)
+
+
+@pytest.fixture(scope='module')
+def rule_model(rule):
+    """float32 FIDInceptionV3 with the deterministic rule weights, eval mode."""
+    return rule.apply_rule(FIDInceptionV3()).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope='module')
+def taps_f64(rule_model, parity):
+    model = FIDInceptionV3().eval().requires_grad_(False)
+    model.load_state_dict(rule_model.state_dict())
+    model = model.double()
+    with torch.no_grad():
+        x = preprocess_uint8(parity['images_uint8_nhwc'], dtype=torch.float64)
+        return x, model.forward_taps(x)
+
+
+@pytest.fixture(scope='module')
+def taps_f32(rule_model, parity):
+    with torch.no_grad():
+        return rule_model.forward_taps(preprocess_uint8(parity['images_uint8_nhwc']))
+
+
+def _maxabs(a, b):
+    return (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()
+
+
+# ----------------------------------------------------------------------------- architecture
+
+def test_state_dict_matches_manifest(fixtures_dir, parity):
+    manifest = json.loads((fixtures_dir / 'fid_inception_state_dict_manifest.json').read_text())
+    assert manifest['file_name'] == FID_WEIGHTS_NAME == parity['weights_file']['file_name']
+    assert parity['weights_file']['url'] == FID_WEIGHTS_URL
+    sd = FIDInceptionV3().state_dict()
+    assert len(sd) == 566
+    assert list(sd) == [e['key'] for e in manifest['keys']] == parity['state_dict_keys_module_order']
+    for e in manifest['keys']:
+        assert list(sd[e['key']].shape) == e['shape'], e['key']
+        assert str(sd[e['key']].dtype) == e['dtype'], e['key']
+    assert sum(v.numel() for v in sd.values()) == parity['weights_file']['num_parameters_and_buffers_elems']
+
+
+def test_fid_variants_and_bn_eps():
+    model = FIDInceptionV3()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 94 and all(m.eps == 1e-3 for m in bns)
+    assert model.Mixed_7c.max_pool and not model.Mixed_7b.max_pool
+    for name in ('Mixed_5b', 'Mixed_5c', 'Mixed_5d'):
+        assert isinstance(getattr(model, name), evaluate.FIDInceptionA)
+    for name in ('Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e'):
+        assert isinstance(getattr(model, name), evaluate.FIDInceptionC)
+    assert model.AuxLogits is None and model.fc.out_features == 1008
+
+
+def test_rule_weights_checksums(rule_model, parity):
+    # Guards the fixture plumbing: the model really carries the rule weights the outputs came from.
+    sd = rule_model.state_dict()
+    for k, s in parity['rule_checksums_sum_f64'].items():
+        assert sd[k].double().sum().item() == s, k
+    for k, vals in parity['rule_first_values'].items():
+        assert sd[k].flatten()[:4].tolist() == vals, k
+
+
+# ----------------------------------------------------------------------------- parity
+
+def test_preprocess_parity(parity, taps_f64):
+    x, _ = taps_f64
+    pre = parity['preprocess']
+    assert x.shape == (4, 3, 299, 299) and x.dtype == torch.float64
+    assert _maxabs(x.mean((2, 3)), pre['input299_channel_mean_f64']) <= ATOL_F64
+    assert _maxabs(x[:, :, :8, :8], pre['input299_patch_tl8_f64']) <= ATOL_F64
+    assert _maxabs(x[:, :, 145:153, 145:153], pre['input299_patch_c8_f64']) <= ATOL_F64
+    x32 = preprocess_uint8(torch.from_numpy(parity['images_uint8_nhwc'].numpy()))
+    # float32 resize computes source coordinates in float32 (~1.5e-5 px at 256 -> 299): ~1e-5 off.
+    assert x32.dtype == torch.float32 and _maxabs(x32, x) < 1e-4
+
+
+def test_preprocess_rejects_bad_input():
+    with pytest.raises(TypeError):
+        preprocess_uint8(np.zeros((1, 8, 8, 3), dtype=np.float32))
+    with pytest.raises(ValueError):
+        preprocess_uint8(np.zeros((1, 3, 8, 8), dtype=np.uint8))
+
+
+def _check_outputs(taps, expected, atol_head, atol_early):
+    taps = dict(taps, probs=taps['logits'].softmax(1), probs_nobias=taps['logits_nobias'].softmax(1))
+    errs = {}
+    for key in ('feat64', 'feat192', 'feat768', 'pool3', 'logits', 'logits_nobias', 'probs', 'probs_nobias',
+                'spatial_mixed6d_b1x1_first7_nhwc'):
+        assert taps[key].shape == expected[key].shape, key
+        errs[key] = _maxabs(taps[key], expected[key])
+    assert list(taps['stage_means']) == list(STAGES) == list(expected['stage_means'])
+    for stage in STAGES:
+        errs[stage] = _maxabs(taps['stage_means'][stage], expected['stage_means'][stage])
+    tol = {k: atol_early for k in errs}
+    tol.update({k: atol_head for k in ('pool3', 'logits', 'logits_nobias', 'probs', 'probs_nobias')})
+    bad = {k: e for k, e in errs.items() if not e <= tol[k]}
+    assert not bad, f'parity errors above tolerance: {bad}'
+
+
+def test_inception_parity_float64(parity, taps_f64):
+    _check_outputs(taps_f64[1], parity['outputs_f64'], ATOL_F64, ATOL_F64)
+    # Differences between images (~1e-10) are only resolvable in float64.
+    pool3 = taps_f64[1]['pool3']
+    ref_pool3 = parity['outputs_f64']['pool3']
+    assert _maxabs(pool3 - pool3.mean(0), ref_pool3 - ref_pool3.mean(0)) <= ATOL_F64
+
+
+def test_inception_parity_float32(parity, taps_f32):
+    _check_outputs(taps_f32, parity['outputs_f32'], ATOL_F32_HEAD, ATOL_F32_EARLY)
+
+
+def test_inception_features_batched(parity, rule_model):
+    # float32 keeps this cheap; the float64 path is covered by the parity test above.
+    images = parity['images_uint8_nhwc'].numpy()
+    pool3, logits = inception_features(images, rule_model, batch_size=3, progress=False)  # 3 + 1: remainder
+    assert pool3.dtype == logits.dtype == np.float64
+    assert pool3.shape == (4, 2048) and logits.shape == (4, 1008)
+    assert _maxabs(pool3, parity['outputs_f32']['pool3']) <= ATOL_F32_HEAD
+    assert _maxabs(logits, parity['outputs_f32']['logits_nobias']) <= ATOL_F32_HEAD
+
+
+# ----------------------------------------------------------------------------- loader
+
+def test_load_missing_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    with pytest.raises(SystemExit) as exc:
+        load_fid_inception(tmp_path / 'ckpt')
+    msg = str(exc.value.code)
+    assert FID_WEIGHTS_NAME in msg and FID_WEIGHTS_URL in msg and str(tmp_path / 'ckpt') in msg
+    assert not (tmp_path / 'ckpt').exists()
+
+
+def test_load_download_failure_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+
+    def broken_download(url, dst, progress=True):
+        assert url == FID_WEIGHTS_URL
+        open(dst, 'wb').write(b'partial')
+        raise OSError('Network is unreachable')
+
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', broken_download)
+    with pytest.raises(SystemExit) as exc:
+        load_fid_inception(tmp_path)
+    msg = str(exc.value.code)
+    assert 'Network is unreachable' in msg and FID_WEIGHTS_URL in msg and FID_WEIGHTS_NAME in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope='module')
+def rule_weights_file(rule_model, tmp_path_factory):
+    # Like the real file may be: a plain dict without the num_batches_tracked counters.
+    path = tmp_path_factory.mktemp('w') / FID_WEIGHTS_NAME
+    torch.save({k: v for k, v in rule_model.state_dict().items() if not k.endswith('num_batches_tracked')}, path)
+    return path
+
+
+def test_load_via_download_is_atomic(tmp_path, monkeypatch, rule_weights_file, rule_model):
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    seen = []
+
+    def fake_download(url, dst, progress=True):
+        seen.append(dst)
+        shutil.copyfile(rule_weights_file, dst)
+
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', fake_download)
+    model = load_fid_inception(tmp_path / 'ckpt')
+    assert seen and not seen[0].endswith(FID_WEIGHTS_NAME)  # written under a temp name first
+    assert sorted(p.name for p in (tmp_path / 'ckpt').iterdir()) == [FID_WEIGHTS_NAME]
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    loaded = model.state_dict()
+    assert list(loaded) == list(rule_model.state_dict())
+    assert all(torch.equal(loaded[k], v) for k, v in rule_model.state_dict().items())
+
+
+@pytest.mark.parametrize('content, expect', [
+    ({'foo': torch.zeros(3)}, ["'foo'", '1 entries', '566']),
+    ([torch.zeros(3)], ['list']),
+])
+def test_load_wrong_file(tmp_path, monkeypatch, content, expect):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    torch.save(content, tmp_path / FID_WEIGHTS_NAME)
+    with pytest.raises(SystemExit) as exc:
+        load_fid_inception(tmp_path)
+    msg = str(exc.value.code)
+    assert str(tmp_path / FID_WEIGHTS_NAME) in msg
+    for part in expect:
+        assert part in msg
+    assert len(msg) < 600  # one paragraph, not a load_state_dict dump
+
+
+def test_load_truncated_file(tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    torch.save({'fc.weight': torch.zeros(1008, 2048)}, tmp_path / 'full.pth')
+    (tmp_path / FID_WEIGHTS_NAME).write_bytes((tmp_path / 'full.pth').read_bytes()[:5000])
+    with pytest.raises(SystemExit) as exc:
+        load_fid_inception(tmp_path)
+    msg = str(exc.value.code)
+    assert 'truncated' in msg and FID_WEIGHTS_URL in msg and len(msg) < 600
+
+
+def test_state_dict_check_reports_shape_mismatch(rule_model, tmp_path):
+    sd = dict(rule_model.state_dict())
+    sd['fc.weight'] = torch.zeros(1000, 2048)
+    with pytest.raises(SystemExit) as exc:
+        evaluate._check_state_dict(sd, FIDInceptionV3(), tmp_path / FID_WEIGHTS_NAME)
+    msg = str(exc.value.code)
+    assert "'fc.weight'" in msg and '(1000, 2048)' in msg and '(1008, 2048)' in msg and len(msg) < 600
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+
+def test_feature_stats_and_frechet_reference(ref):
+    for name, case in ref['frechet'].items():
+        mu1, sigma1 = feature_stats(case['x1'].numpy())
+        mu2, sigma2 = feature_stats(case['x2'].numpy())
+        for got, want in ((mu1, case['mu1']), (sigma1, case['sigma1']), (mu2, case['mu2']), (sigma2, case['sigma2'])):
+            assert got.dtype == np.float64
+            np.testing.assert_allclose(got, want.numpy(), rtol=1e-12, atol=1e-15, err_msg=name)
+        rtol = 1e-6 if 'singular' in name else 1e-9
+        fd_stored = frechet_distance(case['mu1'].numpy(), case['sigma1'].numpy(),
+                                     case['mu2'].numpy(), case['sigma2'].numpy())
+        fd_raw = frechet_distance(mu1, sigma1, mu2, sigma2)
+        assert isinstance(fd_stored, float)
+        np.testing.assert_allclose(fd_stored, case['fd_standard'], rtol=rtol, err_msg=name)
+        np.testing.assert_allclose(fd_raw, case['fd_standard'], rtol=rtol, err_msg=name)
+        np.testing.assert_allclose(fd_stored, case['fd_eigen_psd'], rtol=rtol, err_msg=name)
+
+
+def test_frechet_eps_fallback_on_nonfinite_sqrtm(ref, monkeypatch):
+    case = ref['frechet']['fd_200x16_vs_300x16']
+    real_sqrtm = iscs.scipy.linalg.sqrtm
+    calls = []
+
+    def sqrtm_nan_first(a):
+        calls.append(a)
+        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
+
+    monkeypatch.setattr(iscs.scipy.linalg, 'sqrtm', sqrtm_nan_first)
+    fd = frechet_distance(case['mu1'].numpy(), case['sigma1'].numpy(), case['mu2'].numpy(), case['sigma2'].numpy())
+    assert len(calls) == 2
+    np.testing.assert_allclose(fd, case['fd_forced_eps_offset'], rtol=1e-9)
+
+
+def test_frechet_rejects_large_imaginary(ref, monkeypatch):
+    case = ref['frechet']['fd_400x8_vs_500x8_same_dist']
+    monkeypatch.setattr(iscs.scipy.linalg, 'sqrtm', lambda a: np.eye(len(a)) * (1 + 0.01j))
+    with pytest.raises(ValueError, match='imaginary'):
+        frechet_distance(case['mu1'].numpy(), case['sigma1'].numpy(), case['mu2'].numpy(), case['sigma2'].numpy())
+    # Small imaginary parts (round-off) are dropped.
+    monkeypatch.setattr(iscs.scipy.linalg, 'sqrtm', lambda a: np.eye(len(a)) * (1 + 1e-4j))
+    d = len(case['mu1'])
+    assert frechet_distance(np.zeros(d), np.eye(d), np.zeros(d), np.eye(d)) == pytest.approx(0.0)
+
+
+def test_frechet_shape_checks():
+    with pytest.raises(ValueError):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError):
+        feature_stats(np.zeros((1, 5)))
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+@pytest.mark.parametrize('k', [3, 5])
+@pytest.mark.parametrize('block', [10000, 64, 4])
+def test_precision_recall_reference(ref, k, block):
+    pr = ref['precision_recall']
+    want = pr[f'k{k}']
+    precision, recall = precision_recall(pr['real'].numpy(), pr['fake'].numpy(), k=k, block=block)
+    assert precision == want['precision'] and recall == want['recall']
+    for feats, radii in ((pr['real'], want['radii_real']), (pr['fake'], want['radii_fake'])):
+        torch.testing.assert_close(kth_nn_sq_radii(feats, k, block).sqrt(), radii, rtol=1e-12, atol=1e-12)
+
+
+def test_precision_recall_rejects_nan(ref):
+    real = ref['precision_recall']['real'].numpy().copy()
+    real[3, 2] = np.nan
+    with pytest.raises(ValueError, match='NaN'):
+        precision_recall(real, ref['precision_recall']['fake'].numpy())
+
+
+# ----------------------------------------------------------------------------- Inception Score
+
+def test_inception_score_reference_unshuffled(ref):
+    isr = ref['inception_score']
+    logits = isr['logits_f32'].numpy()
+    mean, std = inception_score(logits, splits=isr['splits'], shuffle_seed=None)
+    np.testing.assert_allclose(mean, isr['is_mean'], rtol=1e-10)
+    np.testing.assert_allclose(std, isr['is_std_ddof0'], rtol=1e-10)
+    np.testing.assert_allclose(inception_score_per_split(logits, isr['splits'], None), isr['per_split'].numpy(),
+                               rtol=1e-10)
+
+
+def test_inception_score_shuffle():
+    # 200 class-ordered samples over 20 classes: each contiguous chunk sees only 2 classes.
+    labels = np.repeat(np.arange(20), 10)
+    logits = 8.0 * np.eye(20)[labels]
+    unshuffled, _ = inception_score(logits, shuffle_seed=None)
+    shuffled, shuffled_std = inception_score(logits, shuffle_seed=0)
+    assert np.isfinite(shuffled) and np.isfinite(shuffled_std)
+    assert shuffled > 2 * unshuffled
+    assert inception_score(logits, shuffle_seed=0) == (shuffled, shuffled_std)
+    # Contiguous chunks [i*N//splits, (i+1)*N//splits) when N is not divisible by splits.
+    rng = np.random.default_rng(1)
+    noisy = rng.normal(size=(195, 30)) * 3
+    p = np.exp(noisy) / np.exp(noisy).sum(1, keepdims=True)
+    naive = [np.exp(np.mean(np.sum(c * (np.log(c) - np.log(c.mean(0))), 1)))
+             for c in (p[i * 195 // 10:(i + 1) * 195 // 10] for i in range(10))]
+    np.testing.assert_allclose(inception_score_per_split(noisy, 10, None), naive, rtol=1e-12)
+    with pytest.raises(ValueError):
+        inception_score(np.full((20, 5), np.nan))
