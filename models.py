@@ -276,19 +276,23 @@ class VectorQuantizer2(nn.Module):
         return out
 
     def embed_to_fhat(self, ms_h_BChw: List[torch.Tensor], all_to_max_scale=True, last_one=False):
-        """Per-scale code maps [(B,Cvae,pn,pn)] -> cumulative f_hat per scale (list) or the last one."""
+        """Per-scale code maps [(B,Cvae,pn,pn)] -> cumulative f_hat per scale (list) or the last one.
+
+        A prefix (the first k+1 scales) is allowed: it gives the latent of scales 0..k, as used for the
+        intermediate images of AID-VAR's discriminator and of ISCS.
+        """
         B, H, SN = ms_h_BChw[0].shape[0], self.v_patch_nums[-1], len(self.v_patch_nums)
         ls_f_hat = []
         if all_to_max_scale:
             f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, H, H)
-            for si in range(SN):
+            for si in range(len(ms_h_BChw)):
                 h = ms_h_BChw[si]
                 h = _up(h, H) if si < SN - 1 else h
                 f_hat = f_hat + self.phi(si, SN)(h)
                 ls_f_hat.append(f_hat)
         else:  # grows f_hat at native resolution (rarely used official path)
             f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, self.v_patch_nums[0], self.v_patch_nums[0])
-            for si, pn in enumerate(self.v_patch_nums):
+            for si, pn in enumerate(self.v_patch_nums[:len(ms_h_BChw)]):
                 f_hat = _up(f_hat, pn)
                 f_hat = f_hat + self.phi(si, SN)(ms_h_BChw[si])
                 ls_f_hat.append(f_hat)
@@ -477,7 +481,7 @@ class AdaLNBeforeHead(nn.Module):
 def sample_with_top_k_top_p_(logits_BlV, top_k=0, top_p=0.0, rng=None, num_samples=1):
     """Masks logits in place (top-k, then nucleus) and draws (B, l, num_samples) token ids."""
     B, l, V = logits_BlV.shape
-    if top_k > 0:
+    if 0 < top_k < V:  # top_k >= V keeps every token (the official code would raise)
         thr = logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
         logits_BlV.masked_fill_(logits_BlV < thr, -torch.inf)
     if top_p > 0:
@@ -784,7 +788,9 @@ def load_checked(model: nn.Module, sd: dict, path, expected: str):
         if unexpected:
             detail.append(f'{len(unexpected)} unexpected keys, e.g. {unexpected[0]}')
         raise SystemExit(f'{path} is {describe_state_dict(sd)}, but {expected} was asked for ({"; ".join(detail)}).')
-    model.load_state_dict(sd, strict=True)
+    # assign=True lets a model built on the meta device take the file's tensors without allocating twice
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True,
+                          assign=any(t.is_meta for t in own.values()))
     return model
 
 
@@ -792,12 +798,11 @@ def load_pretrained(depth: int, ckpt_dir='checkpoints', device='cpu'):
     """Official VQVAE + VAR-d{depth} with their ImageNet-256 weights, in eval mode, frozen. Returns (vae, var)."""
     if depth not in REAL_DEPTHS:
         raise SystemExit(f'--depth must be one of {REAL_DEPTHS} (the released VAR-d16/20/24/30), got {depth}.')
-    vae_path = find_checkpoint(VAE_FILE, ckpt_dir)
     var_path = find_checkpoint(f'var_d{depth}.pth', ckpt_dir)
-    vae, var = build_vae_var(device='cpu', depth=depth)
+    vae_path = find_checkpoint(VAE_FILE, ckpt_dir)
+    vae, var = build_vae_var(device='meta', depth=depth)  # no random init: the files' tensors are assigned
+    load_checked(var, load_state_dict_file(var_path), var_path, f'a depth-{depth} VAR (width {64 * depth}, 1000 classes, L=680)')
     load_checked(vae, load_state_dict_file(vae_path), vae_path, 'the VQ-VAE vae_ch160v4096z32 (vocab 4096, Cvae 32, ch 160)')
-    var_sd = load_state_dict_file(var_path)
-    load_checked(var, var_sd, var_path, f'a depth-{depth} VAR (width {64 * depth}, 1000 classes, L=680)')
     return _frozen(vae, device), _frozen(var, device)
 
 
@@ -822,8 +827,7 @@ def load_tiny(device='cpu'):
     vae, var = build_tiny()
     for model, name in ((vae, 'vae'), (var, 'var')):
         path = tiny_file(name)
-        sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict_file(path).items()}
-        load_checked(model, sd, path, f'the tiny preset {name}')
+        load_checked(model, load_state_dict_file(path), path, f'the tiny preset {name}')  # shipped in fp16
     return _frozen(vae, device), _frozen(var, device)
 
 
