@@ -42,7 +42,7 @@ def main():
     cases = {'plain': {}, 'zero hook': dict(guidance_hook=zero_hook, guidance_w=1.0)}
     if hasattr(models, 'GuidanceInjector'):
         inj = models.GuidanceInjector(var.C, var.patch_nums).eval()
-        torch.nn.init.normal_(inj.out_proj.weight, std=0.02)  # non-zero output, like a trained injector
+        torch.nn.init.normal_(inj.proj_out.weight, std=0.02)  # non-zero output, like a trained injector
         cases['injector'] = dict(guidance_hook=models.make_guidance_hook(var, inj), guidance_w=0.001)
     times = {k: [] for k in cases}
     kw = dict(g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
