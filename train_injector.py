@@ -88,6 +88,7 @@ def resolve_args(argv=None):
 
 def build_everything(args, device):
     """Frozen VQ-VAE + VAR, frozen D backbone with fresh heads, fresh injector (identical on every rank)."""
+    torch.manual_seed(args.seed)  # random_init models and the fresh heads / injector are the same on every rank
     if args.random_init:
         vae, var = models.build_tiny(init=True) if args.depth is None else models.build_vae_var(depth=args.depth, init=True)
         vae, var = models._frozen(vae, device), models._frozen(var, device)
@@ -95,7 +96,6 @@ def build_everything(args, device):
     else:
         vae, var = models.load_vae_var(args.depth, args.ckpt_dir, device)
         backbone = models.load_featnet() if args.depth is None else models.build_backbone_dino(ckpt=args.dino_ckpt)
-    torch.manual_seed(args.seed)  # same heads / injector init on every rank
     D = models.ProjectedDiscriminator(backbone, num_classes=var.num_classes).to(device)
     if args.disc_ckpt:
         heads = torch.load(args.disc_ckpt, map_location='cpu', weights_only=True)
@@ -200,7 +200,8 @@ def check_finite(step, losses, ckpt_path, last_ckpt_step):
 def main(argv=None):
     args = resolve_args(argv)
     mp = args.mixed_precision or ('bf16' if torch.cuda.is_available() else 'no')
-    acc = Accelerator(mixed_precision=mp)
+    # cpu=True on a GPU-less machine makes torchrun-style launches (accelerate launch --multi_gpu) use gloo on the CPU
+    acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
     device, rank, world = acc.device, acc.process_index, acc.num_processes
     out_dir = Path(args.out_dir)
     if acc.is_main_process:
@@ -301,7 +302,7 @@ def main(argv=None):
             if world > 1:
                 dist.all_reduce(stats)
                 stats /= world
-            check_finite(step, {'loss_D': stats[0].item(), 'R1': stats[1].item(), 'loss_CE': stats[2].item()}, ckpt_path, last_ckpt_step)
+            check_finite(step + 1, {'loss_D': stats[0].item(), 'R1': stats[1].item(), 'loss_CE': stats[2].item()}, ckpt_path, last_ckpt_step)
             opt_d.zero_grad(set_to_none=True)
             loss_D.backward()
             sync_grads(list(D.head_parameters()), world)
@@ -316,7 +317,7 @@ def main(argv=None):
             if world > 1:
                 dist.all_reduce(adv)
                 adv /= world
-            check_finite(step, {'loss_adv': adv.item()}, ckpt_path, last_ckpt_step)
+            check_finite(step + 1, {'loss_adv': adv.item()}, ckpt_path, last_ckpt_step)
             opt_g.zero_grad(set_to_none=True)
             loss_G.backward()
             sync_grads(list(G.parameters()), world)
@@ -349,6 +350,7 @@ def main(argv=None):
         log_f.close()
     acc.print(f'[AID-VAR] done: {step} steps; injector at {out_dir / "injector.pt"}, full state at {ckpt_path}')
     acc.end_training()
+    return dict(vae=vae, var=var, D=D, G=G)
 
 
 if __name__ == '__main__':

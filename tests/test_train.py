@@ -1,0 +1,141 @@
+"""AID-VAR training (train_injector.py) on small random models: gradients, frozen parts, resume, DDP, failures."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+import soft_decode
+import train_injector as ti
+from conftest import REPO
+
+FAST = ['--random_init', '--global_batch_size', '8', '--n_tiny', '64', '--sample_every', '1000', '--num_workers', '0']
+
+
+@pytest.fixture(scope='module')
+def parts():
+    args = ti.resolve_args(FAST)
+    vae, var, D, G = ti.build_everything(args, 'cpu')
+    torch.manual_seed(0)
+    img = torch.from_numpy(models.make_shapes(8, seed=5)[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    labels = torch.arange(8) % 10
+    with torch.no_grad():
+        idx = vae.img_to_idxBl(img)
+    return vae, var, D, G, idx, labels
+
+
+@pytest.mark.parametrize('inject', ['input', 'head'])
+def test_untrained_injector_is_bit_identical(parts, inject):
+    vae, var, D, G, idx, labels = parts
+    with torch.no_grad():
+        plain = var(labels, vae.quantize.idxBl_to_var_input(idx))
+        guided, g = ti.guided_logits(var, G, labels, idx, w=1.0, inject=inject)
+    assert torch.equal(g, torch.zeros_like(g))
+    assert torch.equal(plain, guided)
+
+
+@pytest.mark.parametrize('inject', ['input', 'head'])
+@pytest.mark.parametrize('decode', soft_decode.MODES)
+def test_adversarial_loss_alone_trains_the_injector(parts, inject, decode):
+    """lambda_rec = 0: -D(fake) must reach the injector through the soft decode, finitely, and move it."""
+    vae, var, D, G0, idx, labels = parts
+    G = models.GuidanceInjector(var.C, var.patch_nums)
+    G.load_state_dict(G0.state_dict())
+    torch.manual_seed(1)
+    logits, _ = ti.guided_logits(var, G, labels, idx, w=0.5, inject=inject)
+    fake, real, labs = ti.disc_images(var, logits, idx, idx, labels, torch.randint(1, len(var.patch_nums), (8,)), decode, 1.0)
+    D.requires_grad_(False)
+    loss_adv = -D(fake, labs).mean()
+    loss_adv.backward()
+    D.requires_grad_(True)
+    grads = [p.grad for p in G.parameters() if p.grad is not None]
+    total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    assert grads and torch.isfinite(total) and total > 0, (inject, decode, total)
+    before = [p.detach().clone() for p in G.parameters()]
+    torch.optim.AdamW(G.parameters(), lr=1e-3).step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, G.parameters()))
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_only_injector_and_heads_change(tmp_path):
+    args = ti.resolve_args(FAST)
+    vae0, var0, D0, G0 = ti.build_everything(args, 'cpu')
+    out = ti.main(FAST + ['--max_steps', '3', '--r1_every', '2', '--out_dir', str(tmp_path)])
+    for name, before in (('vae', vae0), ('var', var0)):
+        after = out[name].state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in before.state_dict().items()), name
+    bb = out['D'].backbone.state_dict()
+    assert all(torch.equal(v, bb[k]) for k, v in D0.backbone.state_dict().items())
+    heads = out['D'].heads_state_dict()
+    assert any(not torch.equal(v, heads[k]) for k, v in D0.heads_state_dict().items())
+    assert any(not torch.equal(v, out['G'].state_dict()[k]) for k, v in G0.state_dict().items())
+    logs = [json.loads(l) for l in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in logs] == [1, 2, 3]
+    for key in ('loss_D', 'loss_adv', 'loss_CE', 'acc_real', 'acc_fake', 'grad_norm_G', 'grad_norm_D', 'img_per_s'):
+        assert all(key in r for r in logs), key
+    assert len(logs[0]['g_norm_per_scale']) == 5
+    assert (tmp_path / 'grid_step000003.png').is_file()
+
+
+def _losses(path):
+    return [{k: v for k, v in json.loads(l).items() if k != 'img_per_s'} for l in path.read_text().splitlines()]
+
+
+def test_resume_is_exact(tmp_path):
+    common = FAST + ['--r1_every', '2', '--ckpt_every', '2', '--context', 'rollout']
+    ti.main(common + ['--max_steps', '4', '--out_dir', str(tmp_path / 'a')])
+    ti.main(common + ['--max_steps', '2', '--out_dir', str(tmp_path / 'b')])
+    ti.main(common + ['--max_steps', '4', '--out_dir', str(tmp_path / 'b'), '--resume', 'auto'])
+    assert _losses(tmp_path / 'a' / 'log.jsonl') == _losses(tmp_path / 'b' / 'log.jsonl')
+    a = torch.load(tmp_path / 'a' / 'last.pt', weights_only=False)
+    b = torch.load(tmp_path / 'b' / 'last.pt', weights_only=False)
+    assert a['step'] == b['step'] == 4
+    for part in ('injector', 'disc_heads'):
+        assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
+    inj, meta = models.load_injector(tmp_path / 'b' / 'injector.pt', ti.build_everything(ti.resolve_args(FAST), 'cpu')[1])
+    assert meta['inject'] == 'input' and meta['step'] == 4 and meta['w_train'] == ti.DEFAULTS['tiny']['w_train']
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    calls = {'n': 0}
+    guided = ti.guided_logits
+
+    def poisoned(*a, **kw):  # the second step's guided logits are NaN
+        calls['n'] += 1
+        logits, g = guided(*a, **kw)
+        return (logits * float('nan') if calls['n'] == 2 else logits), g
+    monkeypatch.setattr(ti, 'guided_logits', poisoned)
+    with pytest.raises(SystemExit) as e:
+        ti.main(FAST + ['--max_steps', '5', '--ckpt_every', '1', '--out_dir', str(tmp_path)])
+    msg = str(e.value)
+    assert 'step 2' in msg and 'loss_D = nan' in msg and 'last.pt (step 1)' in msg
+    ck = torch.load(tmp_path / 'last.pt', weights_only=False)
+    assert ck['step'] == 1 and all(torch.isfinite(v).all() for v in ck['injector'].values())
+
+
+def test_missing_or_empty_data_path(tmp_path):
+    with pytest.raises(SystemExit, match='ImageNet not found'):
+        ti.main(['--depth', '16', '--data_path', str(tmp_path / 'nope')])
+    (tmp_path / 'train').mkdir()
+    with pytest.raises(SystemExit, match='no class subfolders'):
+        ti.main(['--depth', '16', '--data_path', str(tmp_path)])
+
+
+def test_accelerate_two_processes_agree(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    # on CPU, accelerate's --cpu launcher needs MPI for several processes; --multi_gpu uses torchrun, which works
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', str(REPO / 'train_injector.py'),
+           *FAST, '--max_steps', '2', '--ckpt_every', '2', '--out_dir', str(tmp_path)]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(tmp_path / 'last.pt', weights_only=False)
+    assert ck['world'] == 2 and ck['step'] == 2  # save_checkpoint gathers a weight checksum per rank and aborts on a mismatch
+    assert len((tmp_path / 'log.jsonl').read_text().splitlines()) == 2
