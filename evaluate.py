@@ -1,19 +1,40 @@
-"""Sample-quality evaluation: FID, Inception Score, precision / recall.
+"""Sample-quality evaluation: FID, Inception Score, precision / recall, class accuracy and ISCS.
 
-Library section: the FID InceptionV3 (pytorch-fid port of TF inception-2015-12-05),
-its uint8 preprocessing, batched feature extraction, Inception Score and the
-Kynkäänniemi et al. (2019) improved precision / recall. The Fréchet distance itself
-lives in iscs.py. Definitions and reference numbers:
-shared/fixtures/README_fid_metrics.md; ADM evaluator conventions: DISC_SPEC.md §8.
+    python evaluate.py samples/samples_w0.001.npz                    # tiny preset: --ref shapes (10k fresh shapes)
+    python evaluate.py base.npz guided.npz --ref VIRTUAL_imagenet256_labeled.npz   # side by side, with differences
+    python evaluate.py samples.npz --ref /data/imagenet/val_256 --no_iscs          # an image folder as reference
 
-Input pipeline = pytorch-fid (bilinear resize to 299 in PyTorch), not the ADM/TF
-graph's legacy resize; numbers are therefore close to, not identical with, the
-ADM evaluator's. IS and precision / recall follow the ADM conventions (logits
-without fc bias, k = 3).
+Prints the metrics and writes them as JSON beside each sample file (<name>.eval.json).
+  FID             Fréchet distance of pool3 features (reference: its stored mu / sigma when present)
+  IS              Inception Score, 10 splits of a fixed-seed shuffle of the samples (ADM: no fc bias)
+  precision/recall  Kynkäänniemi et al., k = 3, reference subset of 10,000 images (the ADM reference batch size)
+  class_acc       tiny preset only: share of samples the feature network classifies as their label
+  ISCS            iscs.py: every S_k and FD_k; intermediate images rebuilt from the stored `tokens` through
+                  the VQ-VAE, real ones from encoding the reference images; DINO ViT-S/16 CLS features
+Real models (256x256 samples, `preset` d16..d30 in the npz or --depth): FID InceptionV3 (pytorch-fid weights in
+--ckpt_dir), DINO ViT-S/16, the VAR VQ-VAE from --ckpt_dir. Tiny preset (32x32): the shipped feature network
+stands in for Inception and DINO, the shipped tiny VQ-VAE decodes the tokens. Reference features are cached in
+--cache_dir under a hash of the reference's content and of the networks' weights.
+
+Library section (below the argument parser): the FID InceptionV3 (pytorch-fid port of TF
+inception-2015-12-05), its uint8 preprocessing, batched feature extraction, Inception Score and the
+Kynkäänniemi et al. (2019) improved precision / recall. The Fréchet distance and ISCS live in iscs.py.
+Definitions and reference numbers: shared/fixtures/README_fid_metrics.md; ADM evaluator conventions:
+DISC_SPEC.md §8.
+
+Input pipeline = pytorch-fid (bilinear resize to 299 in PyTorch), not the ADM/TF graph's legacy resize;
+numbers are therefore close to, not identical with, the ADM evaluator's (run it on the same npz for
+paper-exact numbers). IS and precision / recall follow the ADM conventions (logits without fc bias, k = 3).
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import math
 import os
+import struct
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,6 +46,32 @@ import torch.nn.functional as F
 from torchvision.models.inception import (BasicConv2d, Inception3, InceptionA, InceptionAux, InceptionB,
                                           InceptionC, InceptionD, InceptionE)
 from tqdm import tqdm
+
+import iscs
+import models
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument('samples', nargs='+', help='npz file(s) with arr_0 uint8 (N, H, W, 3) [+ labels, tokens] (sample.py)')
+p.add_argument('--ref', type=str, default=None,
+               help="reference: the ADM batch (e.g. VIRTUAL_imagenet256_labeled.npz), an npz of real images, an "
+                    "image folder, or 'shapes' (tiny preset default: --ref_n fresh shapes, seed 1000)")
+p.add_argument('--ref_n', type=int, default=10000, help="number of reference images for --ref shapes")
+p.add_argument('--depth', type=int, default=None,
+               help='real-model samples without a `preset` key: any of 16/20/24/30 (they share the VQ-VAE)')
+p.add_argument('--ckpt_dir', type=str, default='checkpoints', help='VQ-VAE and FID Inception weights')
+p.add_argument('--dino_ckpt', type=str, default=None, help='local DINO ViT-S/16 weights (else the HF hub cache)')
+p.add_argument('--random_init', action='store_true',
+               help='random feature networks and the random VQ-VAE of sample.py --random_init (tests only)')
+p.add_argument('--no_iscs', action='store_true')
+p.add_argument('--iscs_n', type=int, default=None,
+               help='use at most this many samples / reference images for ISCS (fixed-seed subset; default all)')
+p.add_argument('--pr_ref_n', type=int, default=10000,
+               help='reference subset for precision / recall (ADM: the 10,000 images of its reference batch)')
+p.add_argument('--is_splits', type=int, default=10)
+p.add_argument('--batch_size', type=int, default=64, help='images per feature-network pass (ADM: 64)')
+p.add_argument('--cache_dir', type=str, default='.cache/evaluate', help='reference feature cache')
+p.add_argument('--json', type=str, default=None, help='also write all results (and differences) to this file')
+p.add_argument('--cpu', action='store_true', help='run on CPU even if a GPU is present')
 
 FID_WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
@@ -172,7 +219,8 @@ def preprocess_uint8(images_NHWC, dtype: torch.dtype = torch.float32, device='cp
         align_corners=False and antialias=False, then 2x - 1.
     """
     if isinstance(images_NHWC, np.ndarray):
-        images_NHWC = torch.from_numpy(np.ascontiguousarray(images_NHWC))
+        # 'W': a read-only memmap slice is copied (torch warns on non-writable arrays)
+        images_NHWC = torch.from_numpy(np.require(images_NHWC, requirements=['C', 'W']))
     if not isinstance(images_NHWC, torch.Tensor) or images_NHWC.dtype != torch.uint8:
         raise TypeError(f'preprocess_uint8 expects a uint8 array/tensor, got '
                         f'{getattr(images_NHWC, "dtype", type(images_NHWC))}')
@@ -406,3 +454,557 @@ def precision_recall(real_ND, fake_MD, k: int = 3, block: int = 10000, device='c
     precision = _fraction_covered(fake_MD, real_ND, real_radii2_N, block)
     recall = _fraction_covered(real_ND, fake_MD, fake_radii2_M, block)
     return precision, recall
+
+
+# --------------------------------------------------------------------------------------
+# Command line: reading sample / reference files
+# --------------------------------------------------------------------------------------
+
+REF_SHAPES_SEED = 1000  # held out: pretrain_tiny.py trains on seed 0 and validates on seed 1
+TINY_RES = 32
+REAL_RES = 256
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
+CACHE_VERSION = 1  # bump when a cached quantity changes definition
+
+
+def _fail(path, reason: str):
+    raise SystemExit(f'{path}: {reason}')
+
+
+def npz_array(path, name: str) -> np.ndarray:
+    """One member of an npz file; memory-mapped when stored uncompressed (np.savez, sample.py), so a
+    50k x 256 x 256 x 3 file is read batch by batch. Compressed members are loaded whole."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f'{name}.npy')
+        stored = info.compress_type == zipfile.ZIP_STORED
+    if not stored:
+        with np.load(path, allow_pickle=False) as f:
+            return f[name]
+    with open(path, 'rb') as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if local[:4] != b'PK\x03\x04':
+            _fail(path, f'corrupt zip: no local header for {name}.npy')
+        n_name, n_extra = struct.unpack('<HH', local[26:30])
+        fh.seek(info.header_offset + 30 + n_name + n_extra)
+        version = np.lib.format.read_magic(fh)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            with np.load(path, allow_pickle=False) as f:
+                return f[name]
+        shape, fortran, dtype = read_header[version](fh)
+        offset = fh.tell()
+    if dtype.hasobject:
+        _fail(path, f'{name} holds Python objects (pickled), not a numeric array')
+    if int(np.prod(shape)) == 0:
+        return np.empty(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=shape, order='F' if fortran else 'C')
+
+
+def npz_keys(path) -> list:
+    """Member names of an npz, or a one-line SystemExit if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        _fail(path, 'no such file')
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return [n[:-4] for n in zf.namelist() if n.endswith('.npy')]
+    except zipfile.BadZipFile as e:  # not an npz at all: say so instead of a zipfile traceback
+        _fail(path, f'not a readable .npz file ({e})')
+
+
+def check_images(path, arr, what='arr_0') -> None:
+    """uint8 NHWC RGB, square, or a one-line SystemExit saying what is wrong."""
+    if arr.dtype != np.uint8:
+        nan = ''
+        if np.issubdtype(arr.dtype, np.floating):
+            n_nan = int(np.isnan(np.asarray(arr)).sum())
+            nan = f' and contains {n_nan} NaN values' if n_nan else ''
+        _fail(path, f'{what} has dtype {arr.dtype}{nan}; expected uint8 images 0..255 '
+                    f'(convert [0, 1] floats with (x * 255).astype(np.uint8), as sample.py does)')
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        hint = ' (looks like NCHW: transpose to NHWC)' if arr.ndim == 4 and arr.shape[1] == 3 else ''
+        _fail(path, f'{what} has shape {tuple(arr.shape)}; expected (N, H, W, 3) RGB images{hint}')
+    if arr.shape[1] != arr.shape[2]:
+        _fail(path, f'{what} images are {arr.shape[1]}x{arr.shape[2]}; expected square images')
+
+
+def load_samples(path) -> dict:
+    """A sample npz -> dict(images (N,H,W,3) uint8 (memmap), labels (N,) int64 or None, tokens (N,L) or None,
+    preset str or None, meta dict or None). Bad files end in a one-line SystemExit."""
+    keys = npz_keys(path)
+    if 'arr_0' not in keys:
+        _fail(path, f"no 'arr_0' array (keys: {', '.join(keys) or 'none'}); a sample file holds uint8 images "
+                    f"(N, H, W, 3) in arr_0, as sample.py and the ADM samplers write it")
+    if 'mu' in keys:
+        _fail(path, "has a 'mu' key: the ADM evaluator would take this sample file for precomputed reference "
+                    "statistics; is it a reference batch? Pass it to --ref instead")
+    images = npz_array(path, 'arr_0')
+    check_images(path, images)
+    n = len(images)
+    if n < 2:
+        _fail(path, f'{n} sample(s): FID, IS and precision / recall need at least 2 (ideally 50,000)')
+    out = dict(images=images, labels=None, tokens=None, preset=None, meta=None)
+    lab_key = 'labels' if 'labels' in keys else 'arr_1' if 'arr_1' in keys else None  # arr_1: guided-diffusion
+    if lab_key:
+        labels = np.asarray(npz_array(path, lab_key))
+        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+            _fail(path, f'{lab_key} has shape {labels.shape} and dtype {labels.dtype}; expected ({n},) integer class labels')
+        out['labels'] = labels.astype(np.int64)
+    if 'tokens' in keys:
+        out['tokens'] = npz_array(path, 'tokens')
+    if 'preset' in keys:
+        out['preset'] = str(np.asarray(npz_array(path, 'preset')))
+    if 'meta' in keys:
+        out['meta'] = json.loads(str(np.asarray(npz_array(path, 'meta'))))
+    return out
+
+
+def sha256_file(path, h=None, chunk=1 << 22):
+    h = h or hashlib.sha256()
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's reference preprocessing (guided-diffusion image_datasets.py): BOX-halve while the short side
+    is >= 2x the target, BICUBIC-resize the short side to image_size, centre crop. Returns uint8 (S, S, 3)."""
+    from PIL import Image
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    y, x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[y:y + image_size, x:x + image_size]
+
+
+def load_reference(spec: str, resolution: int, ref_n: int) -> dict:
+    """The reference set. Returns dict(images uint8 (N,S,S,3) or None, stats {'mu','sigma'} or None,
+    hash (content sha256, hex), desc (one line))."""
+    from PIL import Image
+    if spec == 'shapes':
+        if resolution != TINY_RES:
+            raise SystemExit(f"--ref shapes is the tiny preset's reference (32x32); these samples are "
+                             f"{resolution}x{resolution}: pass the ADM reference batch, a real-image npz or a folder")
+        if ref_n < 2:
+            raise SystemExit(f'--ref_n must be >= 2, got {ref_n}')
+        images, _ = models.make_shapes(ref_n, seed=REF_SHAPES_SEED, size=resolution)
+        key = f'shapes|n={ref_n}|seed={REF_SHAPES_SEED}|size={resolution}'  # generated deterministically
+        return dict(images=images, stats=None, hash=hashlib.sha256(key.encode()).hexdigest(),
+                    desc=f'{ref_n} shapes (seed {REF_SHAPES_SEED})')
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(f for f in path.rglob('*') if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+        if len(files) < 2:
+            raise SystemExit(f'--ref {path}: an image folder needs at least 2 images ({", ".join(IMAGE_EXTS)}), found {len(files)}')
+        h = hashlib.sha256(f'folder|size={resolution}'.encode())
+        images = np.empty((len(files), resolution, resolution, 3), dtype=np.uint8)
+        for i, f in enumerate(tqdm(files, desc='reference images', unit='img')):
+            h.update(str(f.relative_to(path)).encode())
+            sha256_file(f, h)
+            with Image.open(f) as im:
+                images[i] = center_crop_arr(im.convert('RGB'), resolution)
+        return dict(images=images, stats=None, hash=h.hexdigest(), desc=f'{len(files)} images from {path}')
+    if path.suffix != '.npz' and not path.is_file():
+        raise SystemExit(f"--ref {spec}: not 'shapes', an existing .npz file, or an image folder")
+    keys = npz_keys(path)
+    images = None
+    if 'arr_0' in keys:
+        images = npz_array(path, 'arr_0')
+        check_images(path, images)
+        if images.shape[1] != resolution:
+            _fail(path, f'reference images are {images.shape[1]}x{images.shape[2]} but the samples are '
+                        f'{resolution}x{resolution}')
+    stats = None
+    if 'mu' in keys and 'sigma' in keys:  # ADM rule: a reference npz with `mu` carries whole-dataset statistics
+        stats = dict(mu=np.asarray(npz_array(path, 'mu'), dtype=np.float64),
+                     sigma=np.asarray(npz_array(path, 'sigma'), dtype=np.float64))
+    if images is None and stats is None:
+        _fail(path, f"neither reference images (arr_0) nor statistics (mu, sigma) (keys: {', '.join(keys)})")
+    n = len(images) if images is not None else 0
+    return dict(images=images, stats=stats, hash=sha256_file(path).hexdigest(),
+                desc=f'{path.name} ({n} images{", stored mu/sigma" if stats else ""})')
+
+
+# --------------------------------------------------------------------------------------
+# Command line: networks and feature extraction
+# --------------------------------------------------------------------------------------
+
+def fingerprint(module: nn.Module) -> str:
+    """sha256 (16 hex) of a network's weights: part of every cache key, so new weights never reuse old features."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def vit_cls(net, x_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm ViT's CLS (pre-logits) features and head output for images in [-1, 1].
+
+    x_B3HW: (B, 3, H, W) in [-1, 1]; resized (bicubic, antialiased) to the ViT's input size when it
+    differs, then normalised with the net's pretrained_cfg mean / std. Returns (cls (B, D), head (B, K));
+    the head is the identity for DINO (num_classes 0), the 10-class logits for the tiny feature network.
+    """
+    size = tuple(int(s) for s in net.patch_embed.img_size)
+    x = x_B3HW.float().add(1).div(2)
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode='bicubic', align_corners=False, antialias=True)
+    cfg = getattr(net, 'pretrained_cfg', None) or {}
+    mean = torch.tensor(cfg.get('mean', (0.485, 0.456, 0.406)), device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get('std', (0.229, 0.224, 0.225)), device=x.device).view(1, 3, 1, 1)
+    cls_BD = net.forward_head(net.forward_features((x - mean) / std), pre_logits=True)
+    return cls_BD, net.head(cls_BD)
+
+
+@torch.no_grad()
+def featnet_features(images_NHWC_uint8, net, batch_size=64, device='cpu', progress=True, desc='featnet'):
+    """Tiny preset FID / IS features: (CLS (N, D) float64, logits (N, K) float64) of uint8 images."""
+    n = len(images_NHWC_uint8)
+    feats, logits = [], []
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit='batch', disable=not progress):
+        x = torch.from_numpy(np.require(images_NHWC_uint8[start:start + batch_size], requirements=['C', 'W'])).to(device)
+        cls_BD, head_BK = vit_cls(net, x.permute(0, 3, 1, 2).float().div(127.5).sub(1))
+        feats.append(cls_BD.double().cpu().numpy())
+        logits.append(head_BK.double().cpu().numpy())
+    return np.concatenate(feats), np.concatenate(logits)
+
+
+@torch.no_grad()
+def encode_tokens(vae, images_NHWC_uint8, batch_size=64, device='cpu', progress=True) -> np.ndarray:
+    """Ground-truth tokens of real images: uint8 (N, H, W, 3) -> int64 (N, L), every scale, scale-major."""
+    out = []
+    for start in tqdm(range(0, len(images_NHWC_uint8), batch_size), desc='encode reference', unit='batch',
+                      disable=not progress):
+        x = torch.from_numpy(np.require(images_NHWC_uint8[start:start + batch_size], requirements=['C', 'W'])).to(device)
+        idx_Bl = vae.img_to_idxBl(x.permute(0, 3, 1, 2).float().div(127.5).sub(1))
+        out.append(torch.cat(idx_Bl, dim=1).cpu().numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def scale_features(vae, phi_net, tokens_NL, patch_nums, batch_size=64, device='cpu', progress=True,
+                   desc='ISCS features') -> np.ndarray:
+    """ISCS inputs: for every sample and k = 0..K-1, the raw CLS feature of the image decoded (full
+    resolution, VQ-VAE, no uint8 round trip) from the token prefix of scales 0..k.
+
+    tokens_NL: (N, L) integer tokens, L = sum(pn^2). Returns float32 (N, K, D)."""
+    sizes = [pn * pn for pn in patch_nums]
+    out = []
+    for start in tqdm(range(0, len(tokens_NL), batch_size), desc=desc, unit='batch', disable=not progress):
+        tok_BL = torch.from_numpy(np.asarray(tokens_NL[start:start + batch_size]).astype(np.int64)).to(device)
+        imgs = vae.idxBl_to_img(list(tok_BL.split(sizes, dim=1)), same_shape=True, last_one=False)  # K x (B,3,H,W)
+        out.append(torch.stack([vit_cls(phi_net, img)[0] for img in imgs], dim=1).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def fixed_subset(n: int, m, seed=0) -> np.ndarray:
+    """Sorted indices of a fixed-seed subset of size min(n, m) (all indices when m is None or >= n)."""
+    if m is None or m >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
+
+
+class Evaluator:
+    """The networks of one preset and the metrics of one sample set against one reference (cached).
+
+    preset 'tiny': the feature network gives FID / PR features (CLS, 128-d), IS and class-accuracy logits
+    (10 classes) and ISCS features; 'real': FID InceptionV3 (pool3 2048-d, 1008 no-bias logits) and DINO
+    ViT-S/16 (ISCS). ISCS networks (VQ-VAE, DINO) load on first use.
+    """
+
+    def __init__(self, preset: str, args, device):
+        self.preset, self.args, self.device = preset, args, device
+        self.resolution = TINY_RES if preset == 'tiny' else REAL_RES
+        self.patch_nums = tuple(models.TINY['patch_nums'] if preset == 'tiny' else models.REAL_PATCH_NUMS)
+        self.cache_dir = Path(args.cache_dir)
+        self._vae = self._phi = None
+        torch.manual_seed(1)  # --random_init: the same random feature networks every run
+        if preset == 'tiny':
+            self.net = (models.build_featnet() if args.random_init else models.load_featnet()).to(device).eval()
+            self.feat_desc = 'tiny feature network CLS (pre-logits, 128-d); IS / class accuracy: its 10-class logits'
+        else:
+            self.net = (FIDInceptionV3() if args.random_init else load_fid_inception(args.ckpt_dir, device))
+            self.net = self.net.to(device).eval().requires_grad_(False)
+            self.feat_desc = 'FID InceptionV3 pool3 (2048-d); IS: 1008 logits without fc bias'
+        self.net_fp = fingerprint(self.net)
+
+    # ---- networks
+    def features(self, images_NHWC_uint8, desc):
+        """(feats (N, D), logits (N, K)) float64 of uint8 images, on this preset's FID network."""
+        if self.preset == 'tiny':
+            f, lg = featnet_features(images_NHWC_uint8, self.net, self.args.batch_size, self.device, desc=desc)
+        else:
+            f, lg = inception_features(images_NHWC_uint8, self.net, self.args.batch_size, self.device)
+        if not (np.isfinite(f).all() and np.isfinite(lg).all()):
+            raise SystemExit(f'{desc}: the feature network produced NaN / inf features (broken weights?)')
+        return f, lg
+
+    def vae(self):
+        if self._vae is None:
+            torch.manual_seed(0)  # sample.py --random_init builds its VQ-VAE first after this seed
+            if self.args.random_init:
+                vae = models.build_tiny(init=True)[0] if self.preset == 'tiny' else \
+                    models.build_vae_var(device='cpu', depth=16)[0]
+            elif self.preset == 'tiny':
+                vae = models.load_tiny('cpu')[0]
+            else:  # only the VQ-VAE: the VAR of any depth shares it
+                vae, _ = models.build_vae_var(device='meta', depth=16)
+                path = models.find_checkpoint(models.VAE_FILE, self.args.ckpt_dir)
+                models.load_checked(vae, models.load_state_dict_file(path), path, f'the VQ-VAE {models.VAE_FILE}')
+            self._vae = models._frozen(vae, self.device)
+        return self._vae
+
+    def phi(self):
+        if self._phi is None:
+            torch.manual_seed(1)
+            if self.preset == 'tiny':
+                net = self.net
+            else:
+                net = models.build_backbone_dino(pretrained=False) if self.args.random_init else \
+                    models.build_backbone_dino(ckpt=self.args.dino_ckpt)
+            self._phi = models._frozen(net, self.device)
+        return self._phi
+
+    # ---- reference side (cached)
+    def _cached(self, kind, key_parts, compute):
+        key = hashlib.sha256('|'.join(map(str, (CACHE_VERSION, kind) + tuple(key_parts))).encode()).hexdigest()[:24]
+        path = self.cache_dir / f'{kind}_{key}.npz'
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}, True
+        out = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}.npz')
+        np.savez(tmp, **out)
+        os.replace(tmp, path)
+        return out, False
+
+    def ref_fid(self, ref):
+        """{'mu', 'sigma', 'pr_feats'} of the reference on the FID network; stored ADM stats win for mu / sigma."""
+        def compute():
+            out = {}
+            if ref['images'] is not None:
+                sub = fixed_subset(len(ref['images']), self.args.pr_ref_n)
+                feats, _ = self.features(ref['images'], 'reference features')
+                out['mu'], out['sigma'] = iscs.feature_stats(feats)
+                out['pr_feats'] = feats[sub]
+            return out
+        out, hit = self._cached('fid', (ref['hash'], self.net_fp, self.resolution, self.args.pr_ref_n), compute)
+        if hit:
+            print(f'[evaluate] reference features from the cache ({self.cache_dir})')
+        out['stats_from'] = f'{len(ref["images"])} reference images' if ref['images'] is not None else None
+        stored = ref['stats']
+        if stored is not None:
+            if self.preset == 'real' and stored['mu'].shape == (2048,) and stored['sigma'].shape == (2048, 2048):
+                out['mu'], out['sigma'] = stored['mu'], stored['sigma']
+                out['stats_from'] = 'stored mu / sigma of the reference file (ADM convention)'
+            else:
+                print(f'[evaluate] the reference\'s stored mu {stored["mu"].shape} does not fit this preset\'s '
+                      f'features: ignored')
+        return out
+
+    def ref_iscs(self, ref):
+        """Per-transition joint statistics of the real set: encode -> tokens -> prefix images -> features."""
+        vae, phi = self.vae(), self.phi()
+
+        def compute():
+            sub = fixed_subset(len(ref['images']), self.args.iscs_n)
+            tokens = encode_tokens(vae, ref['images'][sub] if len(sub) < len(ref['images']) else ref['images'],
+                                   self.args.batch_size, self.device)
+            feats = scale_features(vae, phi, tokens, self.patch_nums, self.args.batch_size, self.device,
+                                   desc='ISCS reference')
+            stats = iscs.joint_stats(feats)
+            return dict(mu=np.stack([m for m, _ in stats]), sigma=np.stack([s for _, s in stats]),
+                        n=np.array(len(sub)))
+        out, hit = self._cached('iscs', (ref['hash'], fingerprint(vae), fingerprint(phi), self.resolution,
+                                         self.args.iscs_n), compute)
+        return [(m, s) for m, s in zip(out['mu'], out['sigma'])], int(out['n'])
+
+    # ---- one sample file
+    def evaluate(self, path, smp, ref, ref_fid) -> dict:
+        a, warnings, skipped = self.args, [], {}
+        images, n = smp['images'], len(smp['images'])
+        res = dict(samples=str(path), n=n, resolution=int(images.shape[1]), preset=self.preset,
+                   sampling=smp['meta'], random_init=a.random_init,
+                   reference=dict(spec=a.ref, desc=ref['desc'], sha256=ref['hash'][:16], fid_stats=ref_fid['stats_from']),
+                   features=dict(fid_is_pr=self.feat_desc), metrics={}, iscs=None, skipped=skipped, warnings=warnings,
+                   settings=dict(is_splits=a.is_splits, is_shuffle_seed=0, pr_k=3, pr_ref_n=None, iscs_eps=iscs.FD_EPS))
+        meta_random = (smp['meta'] or {}).get('random_init')
+        if meta_random is not None and bool(meta_random) != a.random_init:
+            warnings.append(f'the samples were made with{"" if meta_random else "out"} --random_init but are evaluated '
+                            f'with{"" if a.random_init else "out"} it: their tokens decode through another VQ-VAE')
+        feats, logits = self.features(images, f'features {Path(path).name}')
+        d = feats.shape[1]
+        if n < d:
+            warnings.append(f'only {n} samples for {d}-d features: the covariance is rank-deficient and FID is '
+                            f'biased and noisy (use >= {d}; the protocol uses 50,000)')
+        m = res['metrics']
+        if 'mu' in ref_fid:
+            mu, sigma = iscs.feature_stats(feats)
+            m['FID'] = iscs.frechet_distance(mu, sigma, ref_fid['mu'], ref_fid['sigma'])
+        else:
+            skipped['FID'] = 'the reference has neither images nor statistics for this feature network'
+        splits = min(a.is_splits, n)
+        if splits < a.is_splits:
+            warnings.append(f'IS over {splits} splits instead of {a.is_splits}: only {n} samples')
+        m['IS'], m['IS_std'] = inception_score(logits, splits=splits, shuffle_seed=0)
+        res['settings']['is_splits'] = splits
+        if 'pr_feats' not in ref_fid:
+            skipped['precision_recall'] = 'the reference file has no images (arr_0), only statistics'
+        elif min(n, len(ref_fid['pr_feats'])) <= 3:
+            skipped['precision_recall'] = f'k = 3 needs more than 3 samples and reference images ({n}, {len(ref_fid["pr_feats"])})'
+        else:
+            m['precision'], m['recall'] = precision_recall(ref_fid['pr_feats'], feats, k=3, device=self.device)
+            res['settings']['pr_ref_n'] = len(ref_fid['pr_feats'])
+        if self.preset == 'tiny' and smp['labels'] is not None:
+            m['class_acc'] = float(np.mean(logits.argmax(1) == smp['labels']))
+        res['metrics']['ISCS'] = None
+        reason = self.iscs_skip_reason(smp, ref)
+        if reason:
+            skipped['ISCS'] = reason
+            return res
+        ref_stats, n_real = self.ref_iscs(ref)
+        sub = fixed_subset(n, a.iscs_n)
+        tokens = smp['tokens'] if len(sub) == n else smp['tokens'][sub]
+        gen = scale_features(self.vae(), self.phi(), tokens, self.patch_nums, a.batch_size, self.device,
+                             desc=f'ISCS {Path(path).name}')
+        out = iscs.iscs_from_stats(ref_stats, iscs.joint_stats(gen))
+        dj = 2 * gen.shape[2]
+        if min(len(sub), n_real) < dj:
+            warnings.append(f'ISCS from {len(sub)} samples / {n_real} reference images for {dj}-d joint features: '
+                            f'rank-deficient covariances, the FD_k are biased and noisy (use >= {dj})')
+        if out['clipped_k']:
+            warnings.append(f'ISCS: FD_k < {iscs.FD_EPS} (round-off level) at k = {out["clipped_k"]}: S_k capped at '
+                            f'{1 / iscs.FD_EPS:g} (generated and real sets practically identical?)')
+        m['ISCS'] = out['ISCS']
+        res['iscs'] = dict(out, n_gen=len(sub), n_real=n_real)
+        res['features']['iscs'] = ('tiny feature network CLS' if self.preset == 'tiny' else 'DINO ViT-S/16 CLS (384-d)') + \
+            ', L2-normalised; images decoded from token prefixes through the VQ-VAE'
+        return res
+
+    def iscs_skip_reason(self, smp, ref):
+        a = self.args
+        if a.no_iscs:
+            return '--no_iscs'
+        tok = smp['tokens']
+        if tok is None:
+            return "the file has no 'tokens' (per-scale token maps, written by sample.py); the other metrics are unaffected"
+        L, V = sum(pn * pn for pn in self.patch_nums), models.TINY['V'] if self.preset == 'tiny' else 4096
+        if tok.ndim != 2 or tok.shape != (len(smp['images']), L) or not np.issubdtype(tok.dtype, np.integer):
+            return f'tokens have shape {tuple(tok.shape)} / dtype {tok.dtype}; this preset needs ({len(smp["images"])}, {L}) integers'
+        lo, hi = int(np.min(tok)), int(np.max(tok))
+        if lo < 0 or hi >= V:
+            return f'tokens range over {lo}..{hi}, outside the VQ-VAE vocabulary 0..{V - 1}'
+        if smp['images'].shape[1] != self.resolution:
+            return f'{smp["images"].shape[1]}x{smp["images"].shape[1]} samples; the VQ-VAE decodes {self.resolution}x{self.resolution}'
+        if ref['images'] is None:
+            return 'the reference has no images to encode into real tokens (statistics only)'
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# Command line: output
+# --------------------------------------------------------------------------------------
+
+ROWS = [('FID', 'lower'), ('IS', 'higher'), ('precision', 'higher'), ('recall', 'higher'),
+        ('class_acc', 'higher'), ('ISCS', 'higher')]
+
+
+def table_rows(res: dict) -> dict:
+    rows = {name: res['metrics'].get(name) for name, _ in ROWS}
+    if res['iscs']:
+        for k, s, fd in zip(res['iscs']['k'], res['iscs']['S_k'], res['iscs']['FD_k']):
+            rows[f'S_{k}'] = s
+            rows[f'FD_{k}'] = fd
+    return rows
+
+
+def print_results(results: list) -> dict:
+    """Prints one column per file (and differences to the first); returns {row: [values]} with the diffs."""
+    tables = [table_rows(r) for r in results]
+    names = list(dict.fromkeys(k for t in tables for k in t))
+    better = dict(ROWS, **{k: ('higher' if k.startswith('S_') else 'lower') for k in names if '_' in k and k not in dict(ROWS)})
+    heads = [Path(r['samples']).name for r in results]
+    heads += [f'{h} - {heads[0]}' for h in heads[1:]]
+    width = max(12, *(len(h) for h in heads)) + 2
+    fmt = lambda v: '-' if v is None else f'{v:.4f}' if abs(v) < 1e4 else f'{v:.4g}'
+    print(f'{"metric":12s} {"better":7s}' + ''.join(f'{h:>{width}s}' for h in heads))
+    diffs = {}
+    for name in names:
+        vals = [t.get(name) for t in tables]
+        d = [None if v is None or vals[0] is None else v - vals[0] for v in vals[1:]]
+        diffs[name] = d
+        print(f'{name:12s} {better.get(name, ""):7s}' + ''.join(f'{fmt(v):>{width}s}' for v in vals + d))
+    for r in results:
+        for what, why in r['skipped'].items():
+            print(f'[evaluate] {Path(r["samples"]).name}: {what} skipped: {why}')
+        for w in r['warnings']:
+            print(f'[evaluate] warning ({Path(r["samples"]).name}): {w}')
+    return diffs
+
+
+def json_path(sample_path) -> Path:
+    sample_path = Path(sample_path)
+    return sample_path.with_name(sample_path.stem + '.eval.json')
+
+
+def _write_json(path, obj):
+    tmp = Path(path).with_name(f'.{Path(path).name}.tmp{os.getpid()}')
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=float) + '\n')
+    os.replace(tmp, path)
+
+
+def preset_of(smp, args) -> str:
+    """'tiny' or 'real', from the npz `preset` key, --depth, or the resolution."""
+    if smp['preset'] is not None:
+        return 'tiny' if smp['preset'] == 'tiny' else 'real'
+    if args.depth is not None:
+        return 'real'
+    return 'tiny' if smp['images'].shape[1] == TINY_RES else 'real'
+
+
+def main(argv=None):
+    args = p.parse_args(argv)
+    device = torch.device('cuda' if torch.cuda.is_available() and not args.cpu else 'cpu')
+    samples = [(path, load_samples(path)) for path in args.samples]  # every file is checked before any work
+    presets = {preset_of(smp, args) for _, smp in samples}
+    if len(presets) > 1:
+        raise SystemExit('the sample files mix tiny-preset (32x32) and real-model samples; evaluate them separately')
+    preset = presets.pop()
+    resolution = TINY_RES if preset == 'tiny' else REAL_RES
+    for path, smp in samples:
+        if smp['images'].shape[1] != resolution:
+            _fail(path, f'{smp["images"].shape[1]}x{smp["images"].shape[1]} images; the {preset} preset evaluates '
+                        f'{resolution}x{resolution} samples'
+                        + (' (set --depth for real-model samples without a preset key)' if preset == 'tiny' else ''))
+    if args.ref is None:
+        if preset != 'tiny':
+            raise SystemExit('--ref is required for real-model samples: the ADM reference batch '
+                             'VIRTUAL_imagenet256_labeled.npz (https://openaipublic.blob.core.windows.net/diffusion/'
+                             'jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz), an npz of real '
+                             'images, or an image folder')
+        args.ref = 'shapes'
+    ev = Evaluator(preset, args, device)
+    ref = load_reference(args.ref, resolution, args.ref_n)
+    print(f'[evaluate] {preset} preset{" (random networks)" if args.random_init else ""}, reference: {ref["desc"]}, '
+          f'device {device}')
+    ref_fid = ev.ref_fid(ref)
+    results = []
+    for path, smp in samples:
+        res = ev.evaluate(path, smp, ref, ref_fid)
+        _write_json(json_path(path), res)
+        results.append(res)
+    diffs = print_results(results)
+    for path, _ in samples:
+        print(f'[evaluate] wrote {json_path(path)}')
+    if args.json:
+        _write_json(args.json, dict(results=results, differences_to_first=diffs))
+    return results
+
+
+if __name__ == '__main__':
+    main()

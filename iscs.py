@@ -1,18 +1,49 @@
 """Inter-Scale Consistency Score (ISCS) and the Fréchet distance it is built on.
 
-This module currently holds the Fréchet-distance part: Gaussian feature
-statistics and the Fréchet distance between two Gaussians, exactly as
-pytorch-fid 0.3.0 and the ADM (guided-diffusion) evaluator compute them
-(shared/fixtures/README_fid_metrics.md §5). FID in evaluate.py and the ISCS
-metric (added later in this file) both use these two functions, so their
-numbers stay comparable with published FIDs.
+Features in, numbers out: nothing here decodes images or runs a network (evaluate.py does that),
+so the metric can be imported and tested alone.
+
+Fréchet distance
+    ``feature_stats`` / ``frechet_distance`` compute Gaussian statistics and the Fréchet distance
+    exactly as pytorch-fid 0.3.0 and the ADM (guided-diffusion) evaluator do
+    (shared/fixtures/README_fid_metrics.md §5). FID in evaluate.py and ISCS both use them, so
+    their numbers stay comparable with published FIDs.
+
+ISCS (AID-VAR paper §4, eqs. 8-10; DESIGN.md "ISCS")
+    A VAR generates an image over K scales; x_k denotes the image decoded (at full resolution,
+    through the VQ-VAE) from the token prefix of scales 0..k, so x_{K-1} is the final image.
+    For every transition k-1 -> k, k = 1..K-1:
+
+    * phi(x) = CLS embedding of a feature network, L2-normalised (DINO ViT-S/16 for the real
+      models, 384-d; the tiny preset's feature ViT, 128-d);
+    * joint feature  z_k = [phi(x_{k-1}), phi(x_k)]  (2 x 384 = 768-d for DINO);
+    * real set: z_k of images decoded from the ground-truth tokens of real images (VQ-VAE
+      encoding); generated set: z_k of images decoded from the sampled tokens;
+    * FD_k = Fréchet distance between the Gaussians fitted to the real and generated z_k;
+    * S_k  = 1 / max(FD_k, FD_EPS);
+    * ISCS = sum_k w_k S_k,  w_k = exp(k) / sum_{j=1..K-1} exp(j)  (weights sum to 1; finer
+      scales count more: for K = 10, w_9 = 0.63).
+
+    Higher is better. Every S_k, FD_k and w_k is reported with the total.
+
+    FD_EPS = 1e-4 (decision; the paper leaves S_k = 1/FD_k undefined at FD_k = 0): identical
+    real and generated sets give FD_k = 0 up to sqrtm round-off (|FD| ~ 1e-7, possibly negative),
+    and 1/FD_k would then be astronomically large or negative. Below FD_EPS a distance is not
+    distinguishable from round-off, so S_k is capped at 1 / FD_EPS = 10,000 (the paper's largest
+    reported S_k is about 46, i.e. FD about 0.02, two orders of magnitude above the cap). FD_k is
+    always reported raw, and ``clipped_k`` lists the transitions where the cap applied, so a
+    capped score is never silent. Two independent finite samples of one distribution give
+    FD_k > 0 from estimation bias alone (roughly D / N), far above FD_EPS for any usable N.
 """
 from __future__ import annotations
 
 import numpy as np
 import scipy.linalg
 
-__all__ = ['feature_stats', 'frechet_distance']
+__all__ = ['feature_stats', 'frechet_distance', 'FD_EPS', 'iscs_weights', 'l2_normalize', 'joint_features',
+           'joint_stats', 'iscs_from_stats', 'iscs_from_features']
+
+FD_EPS = 1e-4
 
 
 def feature_stats(feats_ND) -> tuple[np.ndarray, np.ndarray]:
@@ -84,3 +115,117 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
     tr_covmean = np.trace(covmean_DD)
     return float(diff_D.dot(diff_D) + np.trace(sigma1_DD) + np.trace(sigma2_DD) - 2 * tr_covmean)
+
+
+# --------------------------------------------------------------------------------------
+# ISCS
+# --------------------------------------------------------------------------------------
+
+def iscs_weights(num_scales: int) -> np.ndarray:
+    """w_k = exp(k) / sum_{j=1..K-1} exp(j) for k = 1..K-1.
+
+    Args:
+        num_scales: K, the number of VAR scales (>= 2).
+    Returns:
+        w: float64 (K-1,), entry i is the weight of transition k = i + 1; sums to 1.
+    """
+    if num_scales < 2:
+        raise ValueError(f'ISCS needs at least 2 scales (one transition), got {num_scales}')
+    k = np.arange(1, num_scales, dtype=np.float64)
+    # shifted by the max: exp(k) overflows nothing for K <= 700, but the shift costs nothing
+    e = np.exp(k - k.max())
+    return e / e.sum()
+
+
+def l2_normalize(feats_ND) -> np.ndarray:
+    """Rows scaled to unit L2 norm, float64 (N, D). A zero row is an error, not a silent NaN."""
+    feats_ND = np.asarray(feats_ND, dtype=np.float64)
+    if feats_ND.ndim != 2:
+        raise ValueError(f'expected (N, D) features, got shape {feats_ND.shape}')
+    norm_N1 = np.linalg.norm(feats_ND, axis=1, keepdims=True)
+    if not np.all(np.isfinite(norm_N1)):
+        raise ValueError('ISCS features contain NaN or inf')
+    if np.any(norm_N1 == 0):
+        raise ValueError(f'{int(np.sum(norm_N1 == 0))} feature rows are all zero and cannot be L2-normalised')
+    return feats_ND / norm_N1
+
+
+def joint_features(feats_prev_ND, feats_next_ND) -> np.ndarray:
+    """The ISCS joint feature of one transition: [phi(x_{k-1}), phi(x_k)], each half L2-normalised.
+
+    Args:
+        feats_prev_ND: (N, D) raw CLS features of the images decoded up to scale k-1.
+        feats_next_ND: (N, D) raw CLS features of the same samples decoded up to scale k
+            (row i of both belongs to the same sample).
+    Returns:
+        z_N2D: float64 (N, 2D).
+    """
+    a_ND, b_ND = l2_normalize(feats_prev_ND), l2_normalize(feats_next_ND)
+    if a_ND.shape != b_ND.shape:
+        raise ValueError(f'features of scales k-1 and k must have the same shape, got {a_ND.shape} and {b_ND.shape}')
+    return np.concatenate([a_ND, b_ND], axis=1)
+
+
+def _as_scale_list(feats_per_scale) -> list:
+    # (N, K, D) array or a sequence of K (N, D) arrays -> list of K (N, D) arrays
+    if isinstance(feats_per_scale, np.ndarray) and feats_per_scale.ndim == 3:
+        return [feats_per_scale[:, k] for k in range(feats_per_scale.shape[1])]
+    return list(feats_per_scale)
+
+
+def joint_stats(feats_per_scale) -> list:
+    """Gaussian statistics of the joint features of every transition k = 1..K-1.
+
+    Args:
+        feats_per_scale: (N, K, D) array, or a sequence of K arrays (N, D): raw (un-normalised)
+            CLS features of the images decoded from the token prefixes 0..k, k = 0..K-1.
+    Returns:
+        list of K-1 tuples (mu (2D,), sigma (2D, 2D)), float64; entry i is transition k = i + 1.
+        One transition's joint features are built at a time, so memory stays at one (N, 2D) array.
+    """
+    scales = _as_scale_list(feats_per_scale)
+    if len(scales) < 2:
+        raise ValueError(f'ISCS needs features of at least 2 scales, got {len(scales)}')
+    return [feature_stats(joint_features(scales[k - 1], scales[k])) for k in range(1, len(scales))]
+
+
+def iscs_from_stats(real_stats, gen_stats, eps: float = FD_EPS) -> dict:
+    """ISCS from per-transition Gaussian statistics (see the module docstring).
+
+    Args:
+        real_stats, gen_stats: lists of K-1 (mu, sigma) pairs from ``joint_stats``, transition order.
+        eps: FD floor for S_k = 1 / max(FD_k, eps).
+    Returns:
+        dict with 'ISCS' (float), and per transition k = 1..K-1 (lists of length K-1):
+        'k', 'S_k', 'FD_k' (raw, may be ~ -1e-7 for identical sets), 'w_k'; plus 'eps' and
+        'clipped_k' (the k with FD_k < eps, whose S_k is the cap 1 / eps).
+    """
+    if len(real_stats) != len(gen_stats):
+        raise ValueError(f'real and generated statistics cover {len(real_stats)} and {len(gen_stats)} transitions')
+    w_k = iscs_weights(len(real_stats) + 1)
+    fd_k = np.array([frechet_distance(mu_r, sig_r, mu_g, sig_g)
+                     for (mu_r, sig_r), (mu_g, sig_g) in zip(real_stats, gen_stats)], dtype=np.float64)
+    if not np.all(np.isfinite(fd_k)):
+        raise ValueError(f'ISCS: non-finite Fréchet distance(s) {fd_k.tolist()}')
+    s_k = 1.0 / np.maximum(fd_k, eps)
+    ks = list(range(1, len(fd_k) + 1))
+    return {'ISCS': float(np.dot(w_k, s_k)), 'k': ks, 'S_k': s_k.tolist(), 'FD_k': fd_k.tolist(),
+            'w_k': w_k.tolist(), 'eps': float(eps), 'clipped_k': [k for k, fd in zip(ks, fd_k) if fd < eps]}
+
+
+def iscs_from_features(real_feats_per_scale, gen_feats_per_scale, eps: float = FD_EPS) -> dict:
+    """ISCS of a generated set against a real set.
+
+    Args:
+        real_feats_per_scale: (N, K, D) array or K arrays (N, D): raw CLS features phi of the real
+            images decoded from ground-truth token prefixes 0..k, for k = 0..K-1.
+        gen_feats_per_scale: the same for generated samples, (M, K, D) (M need not equal N; the
+            rows of one set must be in the same sample order across scales).
+        eps: FD floor (FD_EPS).
+    Returns:
+        the dict of ``iscs_from_stats``: 'ISCS', 'k', 'S_k', 'FD_k', 'w_k', 'eps', 'clipped_k'.
+    """
+    real, gen = _as_scale_list(real_feats_per_scale), _as_scale_list(gen_feats_per_scale)
+    if len(real) != len(gen):
+        raise ValueError(f'real and generated features have {len(real)} and {len(gen)} scales')
+    return iscs_from_stats(joint_stats(real), joint_stats(gen), eps)

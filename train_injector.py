@@ -59,7 +59,7 @@ p.add_argument('--out_dir', type=str, default='runs/injector')
 p.add_argument('--resume', type=str, default=None, help="a last.pt, or 'auto' for OUT_DIR/last.pt if it exists")
 p.add_argument('--disc_ckpt', type=str, default=None, help='D heads to start from (train_disc_probe.py output)')
 p.add_argument('--seed', type=int, default=0)
-p.add_argument('--sample_every', type=int, default=None)
+p.add_argument('--sample_every', type=int, default=None, help='sample grid interval (0: never)')
 p.add_argument('--ckpt_every', type=int, default=None)
 p.add_argument('--mixed_precision', choices=['no', 'bf16', 'fp16'], default=None, help='default: bf16 on GPU')
 p.add_argument('--num_workers', type=int, default=8)
@@ -98,8 +98,11 @@ def build_everything(args, device):
         backbone = models.load_featnet() if args.depth is None else models.build_backbone_dino(ckpt=args.dino_ckpt)
     D = models.ProjectedDiscriminator(backbone, num_classes=var.num_classes).to(device)
     if args.disc_ckpt:
-        heads = torch.load(args.disc_ckpt, map_location='cpu', weights_only=True)
-        D.load_heads_state_dict(heads['disc_heads'] if 'disc_heads' in heads else heads)
+        ck = torch.load(args.disc_ckpt, map_location='cpu', weights_only=True)
+        if ck.get('meta', {}).get('space', 'rgb') != 'rgb':
+            raise SystemExit(f'--disc_ckpt {args.disc_ckpt} holds latent-space heads (train_disc_probe.py --space latent); '
+                             f'AID-VAR needs the RGB projected discriminator (--space rgb).')
+        D.load_heads_state_dict(ck['disc_heads'])
     G = models.GuidanceInjector(var.C, var.patch_nums, broadcast=args.broadcast).to(device)
     return vae, var, D, G
 
@@ -197,6 +200,81 @@ def check_finite(step, losses, ckpt_path, last_ckpt_step):
             raise SystemExit(f'[AID-VAR] step {step}: {name} = {v}; training stopped before the update, {where}.')
 
 
+def train_step(step, img_B3HW, labels_B, vae, var, D, G, opt_d, opt_g, args, acc, check):
+    """One dynamic-refresh step (D update on the current fakes, then the injector update). Returns the log record.
+
+    check(step, {name: value}) is called on the rank-averaged losses before each update (it stops on NaN/Inf).
+    """
+    device, world, per_device, SN = acc.device, acc.num_processes, img_B3HW.shape[0], len(var.patch_nums)
+    t0 = time.perf_counter()
+    # all randomness of a step (scales, DiffAugment, Gumbel noise, rollouts) derives from (seed, step, rank)
+    torch.manual_seed((args.seed * 1_000_003 + step) * 64 + acc.process_index)
+    img_B3HW, labels_B = img_B3HW.to(device, non_blocking=True), labels_B.to(device, non_blocking=True)
+    with torch.no_grad(), acc.autocast():
+        gt_idx = vae.img_to_idxBl(img_B3HW.float())
+    with acc.autocast():
+        if args.context == 'rollout':
+            G.eval()
+            with torch.no_grad():
+                _, ctx_idx = var.autoregressive_infer_cfg(per_device, labels_B, cfg=args.cfg, top_k=args.top_k,
+                                                          top_p=args.top_p, guidance_hook=models.make_guidance_hook(var, G),
+                                                          guidance_w=args.w_train, inject=args.inject, ret_idx=True)
+            G.train()
+        else:
+            ctx_idx = gt_idx
+        logits_BLV, g_BLC = guided_logits(var, G, labels_B, ctx_idx, args.w_train, args.inject)
+        scales = None if args.disc_scales == 'all' else torch.randint(1, SN, (per_device,), device=device)
+        fake, real, labs = disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, args.decode, args.tau)
+
+        # --- D step on real vs the current fakes
+        D.requires_grad_(True)
+        out_real, out_fake = D(real, labs), D(fake.detach(), labs)
+        loss_D = F.relu(1 - out_real).mean() + F.relu(1 + out_fake).mean()
+        r1 = torch.zeros((), device=device)
+        if args.r1_gamma > 0 and step % args.r1_every == 0:  # lazy R1, scaled by its interval
+            real_r = real.detach().float().requires_grad_(True)
+            grad, = torch.autograd.grad(D(real_r, labs, double_backward=True).sum(), real_r, create_graph=True)
+            r1 = grad.square().sum([1, 2, 3]).mean()
+            loss_D = loss_D + args.r1_gamma / 2 * r1 * args.r1_every
+
+        # the token CE is always on a teacher-forced pass
+        logits_ce = guided_logits(var, G, labels_B, gt_idx, args.w_train, args.inject)[0] if args.context == 'rollout' else logits_BLV
+        loss_ce = F.cross_entropy(logits_ce.reshape(-1, var.V), torch.cat(gt_idx, 1).reshape(-1))
+
+    stats = torch.stack([loss_D.detach().float(), r1.detach().float(), loss_ce.detach().float(),
+                         (out_real > 0).float().mean(), (out_fake < 0).float().mean()])
+    if world > 1:
+        dist.all_reduce(stats)
+        stats /= world
+    check(step + 1, {'loss_D': stats[0].item(), 'R1': stats[1].item(), 'loss_CE': stats[2].item()})
+    opt_d.zero_grad(set_to_none=True)
+    loss_D.backward()
+    sync_grads(list(D.head_parameters()), world)
+    gn_d = torch.nn.utils.clip_grad_norm_(list(D.head_parameters()), args.grad_clip)
+    opt_d.step()
+
+    # --- G step against the updated D
+    D.requires_grad_(False)
+    with acc.autocast():
+        loss_adv = -D(fake, labs).mean()
+        loss_G = loss_adv + args.lambda_rec * loss_ce
+    adv = loss_adv.detach().float()
+    if world > 1:
+        dist.all_reduce(adv)
+        adv /= world
+    check(step + 1, {'loss_adv': adv.item()})
+    opt_g.zero_grad(set_to_none=True)
+    loss_G.backward()
+    sync_grads(list(G.parameters()), world)
+    gn_g = torch.nn.utils.clip_grad_norm_(list(G.parameters()), args.grad_clip)
+    opt_g.step()
+
+    g_norm = [g_BLC[:, bg:ed].detach().float().norm(dim=-1).mean().item() for bg, ed in var.begin_ends[1:]]
+    return dict(step=step + 1, loss_D=stats[0].item(), r1=stats[1].item(), loss_adv=adv.item(), loss_CE=stats[2].item(),
+                acc_real=stats[3].item(), acc_fake=stats[4].item(), grad_norm_G=float(gn_g), grad_norm_D=float(gn_d),
+                g_norm_per_scale=g_norm, img_per_s=per_device * world / (time.perf_counter() - t0))
+
+
 def main(argv=None):
     args = resolve_args(argv)
     mp = args.mixed_precision or ('bf16' if torch.cuda.is_available() else 'no')
@@ -249,7 +327,6 @@ def main(argv=None):
                                                                    lambda_rec=args.lambda_rec, seed=args.seed))
         acc.wait_for_everyone()
 
-    SN = len(var.patch_nums)
     log_f = open(out_dir / 'log.jsonl', 'a') if acc.is_main_process else None
     bar = tqdm(total=total_steps, initial=step, disable=not acc.is_main_process, desc='AID-VAR', dynamic_ncols=True)
     D.train()
@@ -259,78 +336,10 @@ def main(argv=None):
         for img_B3HW, labels_B in epoch_batches(dataset, epoch, start, per_device, rank, world, args.seed, args.num_workers):
             if step >= total_steps:
                 break
-            t0 = time.perf_counter()
-            # all randomness of a step (scales, DiffAugment, Gumbel noise, rollouts) derives from (seed, step, rank)
-            torch.manual_seed((args.seed * 1_000_003 + step) * 64 + rank)
-            img_B3HW, labels_B = img_B3HW.to(device, non_blocking=True), labels_B.to(device, non_blocking=True)
-            with torch.no_grad(), acc.autocast():
-                gt_idx = vae.img_to_idxBl(img_B3HW.float())
-            with acc.autocast():
-                if args.context == 'rollout':
-                    G.eval()
-                    with torch.no_grad():
-                        _, ctx_idx = var.autoregressive_infer_cfg(per_device, labels_B, cfg=args.cfg, top_k=args.top_k,
-                                                                  top_p=args.top_p, guidance_hook=models.make_guidance_hook(var, G),
-                                                                  guidance_w=args.w_train, inject=args.inject, ret_idx=True)
-                    G.train()
-                else:
-                    ctx_idx = gt_idx
-                logits_BLV, g_BLC = guided_logits(var, G, labels_B, ctx_idx, args.w_train, args.inject)
-                scales = None if args.disc_scales == 'all' else torch.randint(1, SN, (per_device,), device=device)
-                fake, real, labs = disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, args.decode, args.tau)
-
-                # --- D step on real vs the current fakes
-                D.requires_grad_(True)
-                out_real, out_fake = D(real, labs), D(fake.detach(), labs)
-                loss_D = F.relu(1 - out_real).mean() + F.relu(1 + out_fake).mean()
-                r1 = torch.zeros((), device=device)
-                if args.r1_gamma > 0 and step % args.r1_every == 0:  # lazy R1, scaled by its interval
-                    real_r = real.detach().float().requires_grad_(True)
-                    grad, = torch.autograd.grad(D(real_r, labs, double_backward=True).sum(), real_r, create_graph=True)
-                    r1 = grad.square().sum([1, 2, 3]).mean()
-                    loss_D = loss_D + args.r1_gamma / 2 * r1 * args.r1_every
-
-                # --- G step against the updated D (computed after D's update below)
-                if args.context == 'rollout':  # the token CE is always on a teacher-forced pass
-                    logits_ce, _ = guided_logits(var, G, labels_B, gt_idx, args.w_train, args.inject)
-                else:
-                    logits_ce = logits_BLV
-                loss_ce = F.cross_entropy(logits_ce.reshape(-1, var.V), torch.cat(gt_idx, 1).reshape(-1))
-
-            stats = torch.stack([loss_D.detach().float(), r1.detach().float(), loss_ce.detach().float(),
-                                 (out_real > 0).float().mean(), (out_fake < 0).float().mean()])
-            if world > 1:
-                dist.all_reduce(stats)
-                stats /= world
-            check_finite(step + 1, {'loss_D': stats[0].item(), 'R1': stats[1].item(), 'loss_CE': stats[2].item()}, ckpt_path, last_ckpt_step)
-            opt_d.zero_grad(set_to_none=True)
-            loss_D.backward()
-            sync_grads(list(D.head_parameters()), world)
-            gn_d = torch.nn.utils.clip_grad_norm_(list(D.head_parameters()), args.grad_clip)
-            opt_d.step()
-
-            D.requires_grad_(False)
-            with acc.autocast():
-                loss_adv = -D(fake, labs).mean()
-                loss_G = loss_adv + args.lambda_rec * loss_ce
-            adv = loss_adv.detach().float()
-            if world > 1:
-                dist.all_reduce(adv)
-                adv /= world
-            check_finite(step + 1, {'loss_adv': adv.item()}, ckpt_path, last_ckpt_step)
-            opt_g.zero_grad(set_to_none=True)
-            loss_G.backward()
-            sync_grads(list(G.parameters()), world)
-            gn_g = torch.nn.utils.clip_grad_norm_(list(G.parameters()), args.grad_clip)
-            opt_g.step()
+            rec = train_step(step, img_B3HW, labels_B, vae, var, D, G, opt_d, opt_g, args, acc,
+                             lambda at, losses: check_finite(at, losses, ckpt_path, last_ckpt_step))
+            rec['epoch'] = epoch
             step += 1
-
-            dt = time.perf_counter() - t0
-            g_norm = [g_BLC[:, bg:ed].detach().float().norm(dim=-1).mean().item() for bg, ed in var.begin_ends[1:]]
-            rec = dict(step=step, epoch=epoch, loss_D=stats[0].item(), r1=stats[1].item(), loss_adv=adv.item(),
-                       loss_CE=stats[2].item(), acc_real=stats[3].item(), acc_fake=stats[4].item(),
-                       grad_norm_G=float(gn_g), grad_norm_D=float(gn_d), g_norm_per_scale=g_norm,
-                       img_per_s=args.global_batch_size / dt)
             if log_f:
                 log_f.write(json.dumps(rec) + '\n')
                 log_f.flush()
@@ -340,7 +349,7 @@ def main(argv=None):
             if step % args.ckpt_every == 0 or step == total_steps:
                 save_checkpoint()
                 last_ckpt_step = step
-            if acc.is_main_process and (step % args.sample_every == 0 or step == total_steps):
+            if acc.is_main_process and args.sample_every > 0 and (step % args.sample_every == 0 or step == total_steps):
                 G.eval()
                 with acc.autocast():
                     sample_grid(var, G, args, out_dir / f'grid_step{step:06d}.png')

