@@ -227,7 +227,7 @@ class VectorQuantizer2(nn.Module):
         # one VAE file serves models with other patch_nums (the official quantizer does the same swap)
         key = prefix + 'ema_vocab_hit_SV'
         if key in state_dict and state_dict[key].shape[0] != self.ema_vocab_hit_SV.shape[0]:
-            state_dict[key] = self.ema_vocab_hit_SV
+            state_dict[key] = torch.zeros_like(self.ema_vocab_hit_SV, device='cpu')  # unused at inference
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def phi(self, si: int, SN: int) -> Phi:
@@ -1382,7 +1382,8 @@ def load_checked(model: nn.Module, sd: dict, path, expected: str):
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+             and not k.endswith('ema_vocab_hit_SV')]  # per-scale usage stats: other patch_nums are fine
     if missing or unexpected or wrong:
         detail = []
         if wrong:

@@ -48,8 +48,13 @@ def run_mode(args):
         t0 = time.perf_counter()
         ti.train_step(step + 1, img, labels, vae, var, D, G, opt_d, opt_g, targs, acc, lambda *a: None)  # R1 off at odd steps
         times.append(time.perf_counter() - t0)
-    print(json.dumps(dict(s_per_step=statistics.median(times[1:]), peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                          threads=torch.get_num_threads())))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:  # the FLOPs of one step, for GPU estimates (README)
+        ti.train_step(1, img, labels, vae, var, D, G, opt_d, opt_g, targs, acc, lambda *a: None)
+    print(json.dumps(dict(s_per_step=statistics.median(times[1:]), peak_rss_gb=peak, threads=torch.get_num_threads(),
+                          gflop_per_step=fc.get_total_flops() / 1e9,
+                          var_params=sum(q.numel() for q in var.parameters()))))
 
 
 def main():
@@ -65,7 +70,8 @@ def main():
     print(f'AID-VAR training step, VAR-{geom} geometry, random weights, CPU ({res["input"]["threads"]} threads), '
           f'per-device batch {args.batch}, median of {args.steps}')
     for mode, r in res.items():
-        print(f'  --inject {mode:5s}  {r["s_per_step"]:8.2f} s/step   peak RSS {r["peak_rss_gb"]:6.2f} GB')
+        print(f'  --inject {mode:5s}  {r["s_per_step"]:8.2f} s/step   peak RSS {r["peak_rss_gb"]:6.2f} GB   '
+              f'{r["gflop_per_step"]:9.1f} GFLOP/step (a step without R1)')
     print(f'  ratio input/head: time {res["input"]["s_per_step"] / res["head"]["s_per_step"]:.2f}x, '
           f'memory {res["input"]["peak_rss_gb"] / res["head"]["peak_rss_gb"]:.2f}x')
 

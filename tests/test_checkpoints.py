@@ -104,3 +104,15 @@ def test_kv_cache_feeds_only_new_tokens(random_tiny):
     h.remove()
     assert seen == [pn * pn for pn in var.patch_nums]
     assert var.blocks[0].attn.cached_k is None  # cache cleared after sampling
+
+
+def test_vae_file_loads_into_other_patch_nums(tmp_path):
+    """Like the official quantizer: the per-scale usage buffer of a VAE file may have another number of scales."""
+    src = models.VQVAE(vocab_size=64, z_channels=8, ch=32, v_patch_nums=(1, 2, 3, 4))
+    torch.save(src.state_dict(), tmp_path / 'vae.pth')
+    for device in ('cpu', 'meta'):
+        with torch.device(device):
+            dst = models.VQVAE(vocab_size=64, z_channels=8, ch=32, v_patch_nums=(1, 2, 4))
+        models.load_checked(dst, models.load_state_dict_file(tmp_path / 'vae.pth'), tmp_path / 'vae.pth', 'a VQ-VAE')
+        assert torch.equal(dst.quantize.embedding.weight, src.quantize.embedding.weight)
+        assert dst.quantize.ema_vocab_hit_SV.shape == (3, 64) and not dst.quantize.ema_vocab_hit_SV.is_meta
