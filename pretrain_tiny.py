@@ -1,0 +1,438 @@
+"""Pretrain the tiny preset from scratch: VQ-VAE, then VAR, then the feature network, on the shapes data.
+
+The tiny preset (DESIGN.md, "Presets") stands in for the official ImageNet checkpoints so that every
+script runs on a laptop CPU with no network. This script produces its shipped weights:
+
+    weights/tiny_vae.pt       the multi-scale VQ-VAE (32x32 images -> 8x8x16 latent, vocab 256, patch_nums 1..8)
+    weights/tiny_var.pt       the class-conditional VAR (depth 4, width 192) on the VQ-VAE's tokens
+    weights/tiny_featnet.pt   a small timm ViT classifier: the tiny preset's DINO and Inception stand-in
+    weights/MANIFEST.json     sha256, size and provenance (command, seeds, steps, metrics, wall time) per file
+
+Stages (`--stage all|vae|var|featnet`; a later stage loads the earlier stages' files from --out_dir):
+  1. vae:     L1 (or MSE) reconstruction + the quantizer's vq loss, straight-through. The official recipe
+              adds LPIPS and a GAN loss; at 32x32 on flat-coloured shapes plain pixel losses are enough, so
+              they are skipped. Dead codes are re-seeded from current encoder residuals.
+  2. var:     tokenise the training set once with the frozen VQ-VAE, then teacher-forced cross-entropy
+              over all 130 token positions, with class dropout 0.1 (needed by classifier-free guidance).
+              Ends with a 10x10 sample grid at --out_dir/pretrain_samples.png (one row per class).
+  3. featnet: a ViT classifier on images in [0, 1] normalised with its pretrained_cfg mean/std, as the
+              projected discriminator feeds it. Also scores the VAR's samples with it (same grid).
+
+Data: `make_shapes(n, seed)`; training seed 0 (--train_seed), held-out seed 1 (--val_seed). Evaluation,
+tests and benchmarks use other seeds (123, 1000+), never 0 or 1.
+
+Time with the defaults, 1 thread on 2 CPU cores (AVX, no AVX2) shared with one other busy job, as measured
+for the shipped files: ~8 min (vae, ~1.4 s/step) + ~1 min (tokenise) + ~19 min (var, ~2.9 s/step) + ~6 min
+(featnet, ~0.6 s/step) = ~34 min; the per-stage wall times are in weights/MANIFEST.json. The budget is tiny for the VQ-VAE
+(~5.6k images seen): shapes come out right, colours only roughly; `--vae_steps 1500` improves it (~35 min).
+Files are float16 state_dicts (the loaders cast them back to float32), ~10 MB in all.
+
+    python pretrain_tiny.py                     # everything, into weights/
+    python pretrain_tiny.py --stage var         # retrain only the VAR (needs weights/tiny_vae.pt)
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+import models
+from models import make_shapes
+
+parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+parser.add_argument('--stage', default='all', choices=['all', 'vae', 'var', 'featnet'])
+parser.add_argument('--out_dir', default=str(models.TINY_DIR))
+parser.add_argument('--n_train', type=int, default=12000, help='training images (make_shapes(n_train, train_seed))')
+parser.add_argument('--n_val', type=int, default=500, help='held-out images (make_shapes(n_val, val_seed))')
+parser.add_argument('--train_seed', type=int, default=0)
+parser.add_argument('--val_seed', type=int, default=1)
+parser.add_argument('--seed', type=int, default=0, help='torch seed (init, batches, code re-seeding)')
+# 1 thread by default: on 2 shared cores, 2 OpenMP threads spin against the other jobs and ran 8x slower (measured)
+parser.add_argument('--threads', type=int, default=1)
+# VQ-VAE
+parser.add_argument('--vae_steps', type=int, default=350)
+parser.add_argument('--vae_bs', type=int, default=16)
+parser.add_argument('--vae_lr', type=float, default=2e-3)
+parser.add_argument('--vae_loss', default='l1', choices=['l1', 'mse'])
+parser.add_argument('--dead_window', type=int, default=50, help='re-seed codes unused over this many steps')
+parser.add_argument('--dead_until', type=float, default=0.8, help='stop re-seeding after this fraction of the steps')
+# VAR
+parser.add_argument('--var_steps', type=int, default=400)
+parser.add_argument('--var_bs', type=int, default=64)
+parser.add_argument('--var_lr', type=float, default=2e-3)
+parser.add_argument('--var_wd', type=float, default=0.05)
+parser.add_argument('--var_clip', type=float, default=2.0)
+parser.add_argument('--var_eval_every', type=int, default=150)
+parser.add_argument('--warmup', type=float, default=0.05, help='warm-up fraction of the steps (VAE, VAR, featnet)')
+# sampling for the grid / the sample score
+parser.add_argument('--cfg', type=float, default=1.5)
+parser.add_argument('--top_k', type=int, default=0)
+parser.add_argument('--top_p', type=float, default=0.0)
+# feature network
+parser.add_argument('--fn_steps', type=int, default=600)
+parser.add_argument('--fn_bs', type=int, default=64)
+parser.add_argument('--fn_lr', type=float, default=5e-4)
+args = parser.parse_args()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+def lr_at(step, total, peak):
+    """Linear warm-up then cosine decay to 1% of the peak."""
+    warm = max(1, int(args.warmup * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def set_lr(opt, lr):
+    for g in opt.param_groups:
+        g['lr'] = lr
+
+
+def fp16_roundtrip(model):
+    """The shipped state_dict (floats in fp16) and the model reloaded from it, so reported metrics are the shipped ones."""
+    sd = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous().clone()
+          for k, v in model.state_dict().items()}
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    return sd
+
+
+def save_atomic(sd, path):
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(sd, tmp)
+    os.replace(tmp, path)
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def update_manifest(out_dir, name, info):
+    """Adds/replaces one file's entry in MANIFEST.json (other stages' entries are kept)."""
+    path = out_dir / 'MANIFEST.json'
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    fpath = out_dir / models.TINY_FILES[name]
+    manifest[models.TINY_FILES[name]] = dict(
+        sha256=sha256(fpath), size_bytes=fpath.stat().st_size,
+        command='python ' + ' '.join(sys.argv), torch_version=torch.__version__, **info)
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
+    os.replace(tmp, path)
+
+
+def load_file(model, out_dir, name):
+    path = out_dir / models.TINY_FILES[name]
+    return models.load_checked(model, models.load_state_dict_file(path), path, f'the tiny preset {name}')
+
+
+def load_data():
+    t0 = time.time()
+    tr_img, tr_lab = make_shapes(args.n_train, args.train_seed)
+    va_img, va_lab = make_shapes(args.n_val, args.val_seed)
+    print(f'[data] {args.n_train} train (seed {args.train_seed}) + {args.n_val} val (seed {args.val_seed}) shapes '
+          f'in {time.time() - t0:.0f}s')
+    return torch.from_numpy(tr_img), torch.from_numpy(tr_lab), torch.from_numpy(va_img), torch.from_numpy(va_lab)
+
+
+def u8_to_float(img_NHW3_u8):
+    """uint8 NHWC -> float [-1, 1] NCHW."""
+    return img_NHW3_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def batches(n, bs, gen):
+    """Endless random minibatch indices (reshuffled every epoch)."""
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n - bs + 1, bs):
+            yield perm[i:i + bs]
+
+
+def data_info():
+    return dict(train_images=args.n_train, train_seed=args.train_seed, val_images=args.n_val, val_seed=args.val_seed,
+                torch_seed=args.seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stage 1: VQ-VAE
+
+@torch.no_grad()
+def scale_residuals(quant, f_BChw):
+    """The inputs the quantizer sees at every scale (the multi-scale residuals), flattened: list of (N_si, C)."""
+    B, C, H, W = f_BChw.shape
+    SN, f_rest, out = len(quant.v_patch_nums), f_BChw.clone(), []
+    for si, pn in enumerate(quant.v_patch_nums):
+        z = F.interpolate(f_rest, size=(pn, pn), mode='area') if si != SN - 1 else f_rest
+        out.append(z.permute(0, 2, 3, 1).reshape(-1, C))
+        idx_N = quant._nearest_code(out[-1])
+        h = quant.embedding(idx_N).view(B, pn, pn, C).permute(0, 3, 1, 2)
+        f_rest = f_rest - quant.phi(si, SN)(F.interpolate(h, size=(H, W), mode='bicubic') if si != SN - 1 else h)
+    return out
+
+
+@torch.no_grad()
+def eval_vae(vae, va_img, bs=250):
+    """Val MSE (images in [-1, 1], clamped decode from the tokens) and per-scale codebook usage / perplexity."""
+    vae.eval()
+    SN, V = len(vae.patch_nums), vae.vocab_size
+    hits_SV, se, n = torch.zeros(SN, V), 0.0, 0
+    for i in range(0, len(va_img), bs):
+        x = u8_to_float(va_img[i:i + bs])
+        idx_ls = vae.img_to_idxBl(x)
+        rec = vae.idxBl_to_img(idx_ls, last_one=True)
+        se += F.mse_loss(rec, x, reduction='sum').item()
+        n += x.numel()
+        for si, idx in enumerate(idx_ls):
+            hits_SV[si] += torch.bincount(idx.flatten(), minlength=V).float()
+    p_SV = hits_SV / hits_SV.sum(1, keepdim=True)
+    ppl_S = torch.exp(-(p_SV * p_SV.clamp_min(1e-12).log()).sum(1))
+    return dict(val_mse=se / n, used_per_scale=[int(u) for u in (hits_SV > 0).sum(1)],
+                perplexity_per_scale=[round(float(p), 1) for p in ppl_S], used_total=int((hits_SV.sum(0) > 0).sum()))
+
+
+def train_vae(out_dir, tr_img, va_img):
+    torch.manual_seed(args.seed)
+    vae, _ = models.build_tiny(init=True)
+    vae.train()
+    vae.requires_grad_(True)  # built in test_mode (eval, frozen): switch both back on for training
+    quant = vae.quantize
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed)
+    it = batches(len(tr_img), args.vae_bs, gen)
+    V, hits_V, t0 = vae.vocab_size, torch.zeros(vae.vocab_size), time.time()
+    pbar = tqdm(range(args.vae_steps), desc='vae', mininterval=10, file=sys.stdout)
+    for step in pbar:
+        set_lr(opt, lr_at(step, args.vae_steps, args.vae_lr))
+        x_B3HW = u8_to_float(tr_img[next(it)])
+        f_BChw = vae.quant_conv(vae.encoder(x_B3HW))
+        f_hat_BChw, vq_loss, idx_ls = quant(f_BChw)
+        rec_B3HW = vae.decoder(vae.post_quant_conv(f_hat_BChw))
+        rec_loss = F.l1_loss(rec_B3HW, x_B3HW) if args.vae_loss == 'l1' else F.mse_loss(rec_B3HW, x_B3HW)
+        loss = rec_loss + vq_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        for idx in idx_ls:
+            hits_V += torch.bincount(idx.flatten(), minlength=V).float()
+        if (step + 1) % args.dead_window == 0:
+            dead = (hits_V == 0).nonzero().flatten()
+            if len(dead) and step < args.dead_until * args.vae_steps:
+                # re-seed from residuals of all scales pooled: most positions live at the fine scales, so
+                # that is where new codes get used; small noise keeps twins from staying identical
+                z_NC = torch.cat(scale_residuals(quant, f_BChw.detach()))
+                pick = torch.randint(len(z_NC), (len(dead),), generator=gen)
+                quant.embedding.weight.data[dead] = z_NC[pick] + 0.01 * torch.randn(len(dead), z_NC.shape[1])
+            pbar.set_postfix_str(f'rec {rec_loss.item():.4f} vq {vq_loss.item():.4f} used {int((hits_V > 0).sum())}/{V} '
+                                 f'reseeded {len(dead) if step < args.dead_until * args.vae_steps else 0}')
+            hits_V.zero_()
+    wall = time.time() - t0
+    vae.requires_grad_(False)
+    sd = fp16_roundtrip(vae)
+    metrics = eval_vae(vae, va_img)
+    print(f'[vae] {wall / 60:.1f} min; val (fp16 weights): {metrics}')
+    path = out_dir / models.TINY_FILES['vae']
+    save_atomic(sd, path)
+    update_manifest(out_dir, 'vae', dict(stage='vae', steps=args.vae_steps, batch=args.vae_bs, lr=args.vae_lr,
+                                         loss=f'{args.vae_loss} + vq', wall_time_s=round(wall), metrics=metrics,
+                                         **data_info()))
+    with torch.no_grad():  # originals (top) over reconstructions (bottom), for a quick look
+        x = u8_to_float(va_img[:16])
+        rec = vae.img_to_reconstructed_img(x, last_one=True)
+        save_image(F.interpolate(torch.cat([x, rec]).add(1).div(2), scale_factor=4, mode='nearest'),
+                   out_dir / 'pretrain_vae_recon.png', nrow=16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stage 2: VAR
+
+@torch.no_grad()
+def tokenize(vae, img_u8, bs=500):
+    """All images -> tokens (N, L) int64, scales concatenated."""
+    out = [torch.cat(vae.img_to_idxBl(u8_to_float(img_u8[i:i + bs])), dim=1)
+           for i in tqdm(range(0, len(img_u8), bs), desc='tokenise', mininterval=10, file=sys.stdout)]
+    return torch.cat(out)
+
+
+def split_scales(tok_BL, patch_nums):
+    out, cur = [], 0
+    for pn in patch_nums:
+        out.append(tok_BL[:, cur:cur + pn * pn])
+        cur += pn * pn
+    return out
+
+
+@torch.no_grad()
+def var_token_acc(var, tok_NL, lab_N, bs=250):
+    """Teacher-forced token accuracy per scale (no class dropout)."""
+    var.eval()
+    quant, hit_L, n = var.vae.quantize, torch.zeros(var.L), 0
+    for i in range(0, len(tok_NL), bs):
+        tok = tok_NL[i:i + bs]
+        logits_BLV = var(lab_N[i:i + bs], quant.idxBl_to_var_input(split_scales(tok, var.patch_nums)))
+        hit_L += (logits_BLV.argmax(-1) == tok).float().sum(0)
+        n += len(tok)
+    return [round(hit_L[b:e].sum().item() / n / (e - b), 3) for b, e in var.begin_ends]
+
+
+@torch.no_grad()
+def sample_grid(var, path):
+    """10 samples per class, one row per class, fixed seed -> PNG (4x nearest). Returns (images, labels)."""
+    var.eval()
+    labels_B = torch.arange(10).repeat_interleave(10)
+    img_B3HW = var.autoregressive_infer_cfg(len(labels_B), labels_B, g_seed=0, cfg=args.cfg, top_k=args.top_k,
+                                            top_p=args.top_p)
+    save_image(F.interpolate(img_B3HW, scale_factor=4, mode='nearest'), path, nrow=10, padding=2, pad_value=1.0)
+    return img_B3HW, labels_B
+
+
+def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
+    torch.manual_seed(args.seed)
+    vae, var = models.build_tiny(init=True)
+    load_file(vae, out_dir, 'vae')  # var.vae *is* this object, so the VAR now sees the trained VQ-VAE
+    vae.eval().requires_grad_(False)
+    quant = vae.quantize
+    tr_tok, va_tok = tokenize(vae, tr_img), tokenize(vae, va_img)
+    print(f'[var] tokens: train {tuple(tr_tok.shape)}, val {tuple(va_tok.shape)}; '
+          f'{sum(p.numel() for p in var.parameters()) / 1e6:.2f}M parameters')
+    # no weight decay on norms/biases/embeddings-like 1-D params and the position tables (official VAR does the same)
+    decay = [p for n, p in var.named_parameters() if p.ndim >= 2 and 'pos_' not in n and 'emb' not in n]
+    no_decay = [p for n, p in var.named_parameters() if not (p.ndim >= 2 and 'pos_' not in n and 'emb' not in n)]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.var_wd), dict(params=no_decay, weight_decay=0.0)],
+                            lr=args.var_lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(args.seed)
+    it = batches(len(tr_tok), args.var_bs, gen)
+    var.train()  # class dropout on: the unconditional branch of CFG is learnt here
+    t0, ema_loss, ema_acc = time.time(), None, None
+    pbar = tqdm(range(args.var_steps), desc='var', mininterval=10, file=sys.stdout)
+    for step in pbar:
+        set_lr(opt, lr_at(step, args.var_steps, args.var_lr))
+        ids = next(it)
+        tok_BL, lab_B = tr_tok[ids], tr_lab[ids]
+        with torch.no_grad():
+            x_BLCv = quant.idxBl_to_var_input(split_scales(tok_BL, var.patch_nums))
+        logits_BLV = var(lab_B, x_BLCv)
+        loss = F.cross_entropy(logits_BLV.reshape(-1, var.V), tok_BL.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(var.parameters(), args.var_clip)
+        opt.step()
+        acc = (logits_BLV.argmax(-1) == tok_BL).float().mean().item()
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        ema_acc = acc if ema_acc is None else 0.98 * ema_acc + 0.02 * acc
+        pbar.set_postfix_str(f'loss {ema_loss:.3f} acc {ema_acc:.3f}')
+        if (step + 1) % args.var_eval_every == 0 and step + 1 < args.var_steps:
+            print(f'\n[var] step {step + 1}: val token acc per scale {var_token_acc(var, va_tok, va_lab)}')
+            var.train()
+    wall = time.time() - t0
+    var.requires_grad_(False)
+    sd = fp16_roundtrip(var)
+    n_tr = min(len(tr_tok), 2000)
+    metrics = dict(train_token_acc_per_scale=var_token_acc(var, tr_tok[:n_tr], tr_lab[:n_tr]),
+                   val_token_acc_per_scale=var_token_acc(var, va_tok, va_lab), final_train_loss=round(ema_loss, 4))
+    print(f'[var] {wall / 60:.1f} min; (fp16 weights) {metrics}')
+    path = out_dir / models.TINY_FILES['var']
+    save_atomic(sd, path)
+    sample_grid(var, out_dir / 'pretrain_samples.png')
+    update_manifest(out_dir, 'var', dict(stage='var', steps=args.var_steps, batch=args.var_bs, lr=args.var_lr,
+                                         weight_decay=args.var_wd, grad_clip=args.var_clip, wall_time_s=round(wall),
+                                         metrics=metrics, vae_sha256=sha256(out_dir / models.TINY_FILES['vae']),
+                                         **data_info()))
+    print(f'[var] samples (cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}) -> {out_dir / "pretrain_samples.png"}')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stage 3: feature network
+
+def featnet_input(net, x_B3HW):
+    """[-1, 1] images -> what the ViT expects: [0, 1] normalised with its pretrained_cfg mean/std."""
+    mean = torch.tensor(net.pretrained_cfg['mean']).view(1, 3, 1, 1)
+    std = torch.tensor(net.pretrained_cfg['std']).view(1, 3, 1, 1)
+    return (x_B3HW.add(1).div(2) - mean) / std
+
+
+@torch.no_grad()
+def featnet_acc(net, x_B3HW, lab_B, bs=250):
+    net.eval()
+    pred = torch.cat([net(featnet_input(net, x_B3HW[i:i + bs])).argmax(-1) for i in range(0, len(x_B3HW), bs)])
+    return (pred == lab_B).float().mean().item()
+
+
+def train_featnet(out_dir, tr_img, tr_lab, va_img, va_lab):
+    torch.manual_seed(args.seed)
+    net = models.build_featnet()
+    opt = torch.optim.AdamW(net.parameters(), lr=args.fn_lr, betas=(0.9, 0.999), weight_decay=0.05)
+    gen = torch.Generator().manual_seed(args.seed)
+    it = batches(len(tr_img), args.fn_bs, gen)
+    net.train()
+    t0, ema_loss = time.time(), None
+    pbar = tqdm(range(args.fn_steps), desc='featnet', mininterval=10, file=sys.stdout)
+    for step in pbar:
+        set_lr(opt, lr_at(step, args.fn_steps, args.fn_lr))
+        ids = next(it)
+        x_B3HW = u8_to_float(tr_img[ids])  # no augmentation: ~3 epochs at the default budget, too few to overfit
+        loss = F.cross_entropy(net(featnet_input(net, x_B3HW)), tr_lab[ids], label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        pbar.set_postfix_str(f'loss {ema_loss:.3f}')
+    wall = time.time() - t0
+    net.requires_grad_(False)
+    sd = fp16_roundtrip(net)
+    metrics = dict(val_acc=round(featnet_acc(net, u8_to_float(va_img), va_lab), 4))
+    # how recognisable the VAR's samples are (same grid as pretrain_samples.png), if a VAR exists
+    if (out_dir / models.TINY_FILES['var']).is_file():
+        vae, var = models.build_tiny()
+        load_file(vae, out_dir, 'vae')
+        load_file(var, out_dir, 'var')
+        vae.eval().requires_grad_(False)
+        var.eval().requires_grad_(False)
+        img_B3HW, lab_B = sample_grid(var, out_dir / 'pretrain_samples.png')
+        metrics['var_sample_acc'] = round(featnet_acc(net, img_B3HW.mul(2).sub(1), lab_B), 4)
+        metrics['var_sample_settings'] = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, n=len(lab_B), g_seed=0)
+    print(f'[featnet] {wall / 60:.1f} min; (fp16 weights) {metrics}')
+    save_atomic(sd, out_dir / models.TINY_FILES['featnet'])
+    update_manifest(out_dir, 'featnet', dict(stage='featnet', steps=args.fn_steps, batch=args.fn_bs, lr=args.fn_lr,
+                                             wall_time_s=round(wall), metrics=metrics, **data_info()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main():
+    torch.set_num_threads(args.threads)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tr_img, tr_lab, va_img, va_lab = load_data()
+    t0 = time.time()
+    if args.stage in ('all', 'vae'):
+        train_vae(out_dir, tr_img, va_img)
+    if args.stage in ('all', 'var'):
+        train_var(out_dir, tr_img, tr_lab, va_img, va_lab)
+    if args.stage in ('all', 'featnet'):
+        train_featnet(out_dir, tr_img, tr_lab, va_img, va_lab)
+    # the shipped loaders must accept what was written (they read models.TINY_DIR)
+    if out_dir.resolve() == Path(models.TINY_DIR).resolve():
+        written = [models.TINY_FILES[n] for n in ('vae', 'var', 'featnet') if (out_dir / models.TINY_FILES[n]).is_file()]
+        if all((out_dir / models.TINY_FILES[n]).is_file() for n in ('vae', 'var')):
+            models.load_tiny()
+        if (out_dir / models.TINY_FILES['featnet']).is_file():
+            models.load_featnet()
+        total = sum((out_dir / f).stat().st_size for f in written)
+        print(f'[check] models.load_tiny() / load_featnet() load {written}: {total / 1e6:.2f} MB in all')
+    print(f'[done] {(time.time() - t0) / 60:.1f} min')
+
+
+if __name__ == '__main__':
+    main()
