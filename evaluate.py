@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import struct
 import zipfile
@@ -64,7 +63,8 @@ p.add_argument('--random_init', action='store_true',
                help='random feature networks and the random VQ-VAE of sample.py --random_init (tests only)')
 p.add_argument('--no_iscs', action='store_true')
 p.add_argument('--iscs_n', type=int, default=None,
-               help='use at most this many samples / reference images for ISCS (fixed-seed subset; default all)')
+               help='use at most this many samples and reference images for ISCS (fixed-seed subsets); default: all '
+                    '(real models), 1000 (tiny preset: 6 VQ-VAE decodes + 6 feature passes per image on a CPU)')
 p.add_argument('--pr_ref_n', type=int, default=10000,
                help='reference subset for precision / recall (ADM: the 10,000 images of its reference batch)')
 p.add_argument('--is_splits', type=int, default=10)
@@ -745,17 +745,12 @@ class Evaluator:
 
     def vae(self):
         if self._vae is None:
-            torch.manual_seed(0)  # sample.py --random_init builds its VQ-VAE first after this seed
-            if self.args.random_init:
-                vae = models.build_tiny(init=True)[0] if self.preset == 'tiny' else \
-                    models.build_vae_var(device='cpu', depth=16)[0]
+            if self.args.random_init:  # the VQ-VAE of sample.py --random_init (it does not depend on the depth)
+                self._vae = models.build_random(None if self.preset == 'tiny' else 16, self.device)[0]
             elif self.preset == 'tiny':
-                vae = models.load_tiny('cpu')[0]
+                self._vae = models.load_tiny(self.device)[0]
             else:  # only the VQ-VAE: the VAR of any depth shares it
-                vae, _ = models.build_vae_var(device='meta', depth=16)
-                path = models.find_checkpoint(models.VAE_FILE, self.args.ckpt_dir)
-                models.load_checked(vae, models.load_state_dict_file(path), path, f'the VQ-VAE {models.VAE_FILE}')
-            self._vae = models._frozen(vae, self.device)
+                self._vae = models.load_vae(self.args.ckpt_dir, self.device)
         return self._vae
 
     def phi(self):
@@ -766,7 +761,7 @@ class Evaluator:
             else:
                 net = models.build_backbone_dino(pretrained=False) if self.args.random_init else \
                     models.build_backbone_dino(ckpt=self.args.dino_ckpt)
-            self._phi = models._frozen(net, self.device)
+            self._phi = models.frozen(net, self.device)
         return self._phi
 
     # ---- reference side (cached)
@@ -822,6 +817,8 @@ class Evaluator:
                         n=np.array(len(sub)))
         out, hit = self._cached('iscs', (ref['hash'], fingerprint(vae), fingerprint(phi), self.resolution,
                                          self.args.iscs_n), compute)
+        if hit:
+            print(f'[evaluate] ISCS reference statistics from the cache ({self.cache_dir})')
         return [(m, s) for m, s in zip(out['mu'], out['sigma'])], int(out['n'])
 
     # ---- one sample file
@@ -832,7 +829,8 @@ class Evaluator:
                    sampling=smp['meta'], random_init=a.random_init,
                    reference=dict(spec=a.ref, desc=ref['desc'], sha256=ref['hash'][:16], fid_stats=ref_fid['stats_from']),
                    features=dict(fid_is_pr=self.feat_desc), metrics={}, iscs=None, skipped=skipped, warnings=warnings,
-                   settings=dict(is_splits=a.is_splits, is_shuffle_seed=0, pr_k=3, pr_ref_n=None, iscs_eps=iscs.FD_EPS))
+                   settings=dict(is_splits=a.is_splits, is_shuffle_seed=0, pr_k=3, pr_ref_n=None, iscs_n=a.iscs_n,
+                                 iscs_eps=iscs.FD_EPS))
         meta_random = (smp['meta'] or {}).get('random_init')
         if meta_random is not None and bool(meta_random) != a.random_init:
             warnings.append(f'the samples were made with{"" if meta_random else "out"} --random_init but are evaluated '
@@ -927,7 +925,9 @@ def print_results(results: list) -> dict:
     """Prints one column per file (and differences to the first); returns {row: [values]} with the diffs."""
     tables = [table_rows(r) for r in results]
     names = list(dict.fromkeys(k for t in tables for k in t))
-    better = dict(ROWS, **{k: ('higher' if k.startswith('S_') else 'lower') for k in names if '_' in k and k not in dict(ROWS)})
+    better = dict(ROWS)
+    better.update({k: 'higher' for k in names if k.startswith('S_')})
+    better.update({k: 'lower' for k in names if k.startswith('FD_')})
     heads = [Path(r['samples']).name for r in results]
     heads += [f'{h} - {heads[0]}' for h in heads[1:]]
     width = max(12, *(len(h) for h in heads)) + 2
@@ -988,6 +988,8 @@ def main(argv=None):
                              'jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz), an npz of real '
                              'images, or an image folder')
         args.ref = 'shapes'
+    if args.iscs_n is None and preset == 'tiny':
+        args.iscs_n = 1000
     ev = Evaluator(preset, args, device)
     ref = load_reference(args.ref, resolution, args.ref_n)
     print(f'[evaluate] {preset} preset{" (random networks)" if args.random_init else ""}, reference: {ref["desc"]}, '

@@ -1405,11 +1405,29 @@ def load_pretrained(depth: int, ckpt_dir='checkpoints', device='cpu'):
     if depth not in REAL_DEPTHS:
         raise SystemExit(f'--depth must be one of {REAL_DEPTHS} (the released VAR-d16/20/24/30), got {depth}.')
     var_path = find_checkpoint(f'var_d{depth}.pth', ckpt_dir)
-    vae_path = find_checkpoint(VAE_FILE, ckpt_dir)
+    find_checkpoint(VAE_FILE, ckpt_dir)  # both files present before the (slow) loading starts
     vae, var = build_vae_var(device='meta', depth=depth)  # no random init: the files' tensors are assigned
     load_checked(var, load_state_dict_file(var_path), var_path, f'a depth-{depth} VAR (width {64 * depth}, 1000 classes, L=680)')
-    load_checked(vae, load_state_dict_file(vae_path), vae_path, 'the VQ-VAE vae_ch160v4096z32 (vocab 4096, Cvae 32, ch 160)')
-    return _frozen(vae, device), _frozen(var, device)
+    load_vae(ckpt_dir, vae=vae)
+    return frozen(vae, device), frozen(var, device)
+
+
+def load_vae(ckpt_dir='checkpoints', device='cpu', vae: Optional[VQVAE] = None) -> VQVAE:
+    """The official VQ-VAE (vae_ch160v4096z32.pth) alone, frozen; loads into `vae` if given (e.g. built on meta)."""
+    path = find_checkpoint(VAE_FILE, ckpt_dir)
+    if vae is None:
+        with torch.device('meta'):
+            vae = VQVAE(vocab_size=4096, z_channels=32, ch=160, test_mode=True, share_quant_resi=4)
+    load_checked(vae, load_state_dict_file(path), path, 'the VQ-VAE vae_ch160v4096z32 (vocab 4096, Cvae 32, ch 160)')
+    return frozen(vae, device)
+
+
+def build_random(depth: Optional[int] = None, device='cpu', seed: int = 0):
+    """A preset's VQ-VAE + VAR with random from-scratch weights, frozen: tests and benchmarks. Same seed, same weights
+    (the VQ-VAE is built first, so its weights do not depend on the depth)."""
+    torch.manual_seed(seed)
+    vae, var = build_tiny(init=True) if depth is None else build_vae_var(depth=depth, init=True)
+    return frozen(vae, device), frozen(var, device)
 
 
 def build_tiny(device='cpu', init=False):
@@ -1434,7 +1452,7 @@ def load_tiny(device='cpu'):
     for model, name in ((vae, 'vae'), (var, 'var')):
         path = tiny_file(name)
         load_checked(model, load_state_dict_file(path), path, f'the tiny preset {name}')  # shipped in fp16
-    return _frozen(vae, device), _frozen(var, device)
+    return frozen(vae, device), frozen(var, device)
 
 
 def load_vae_var(depth: Optional[int], ckpt_dir='checkpoints', device='cpu'):
@@ -1442,7 +1460,8 @@ def load_vae_var(depth: Optional[int], ckpt_dir='checkpoints', device='cpu'):
     return load_tiny(device) if depth is None else load_pretrained(depth, ckpt_dir, device)
 
 
-def _frozen(model: nn.Module, device):
+def frozen(model: nn.Module, device):
+    """Eval mode, no gradients, on device (a VAR also stops class dropout): how every pretrained part is used."""
     model = model.to(device).eval()
     model.requires_grad_(False)
     if isinstance(model, VAR):
@@ -1474,7 +1493,7 @@ def load_featnet(device='cpu'):
     net = build_featnet()
     path = tiny_file('featnet')
     load_checked(net, load_state_dict_file(path), path, 'the tiny preset feature network')
-    return _frozen(net, device)
+    return frozen(net, device)
 
 
 
@@ -1532,7 +1551,7 @@ def load_injector(path, var: VAR, device='cpu'):
                          f'{tuple(var.patch_nums)}.')
     inj = GuidanceInjector(meta['embed_dim'], meta['patch_nums'], broadcast=meta.get('broadcast', False))
     load_checked(inj, obj['state_dict'], path, 'a guidance injector')
-    return _frozen(inj, device), meta
+    return frozen(inj, device), meta
 
 
 def build_train_data(depth: Optional[int], data_path=None, n_tiny=20000, tiny_seed=0):

@@ -20,6 +20,8 @@ change the result. Resume: finished batches are written to out_dir/.partial_w{w}
 with the same settings skips them, and merges into samples_w{w}.npz when all are done (then the partial
 folder is removed). A finished samples_w{w}.npz with the same settings is not recomputed.
 Images are converted like the VAR and ADM samplers do: x in [0, 1] -> uint8(255 x), truncating.
+With --more_smooth, arr_0 is decoded from VAR's Gumbel-smoothed embeddings while `tokens` holds the hard
+samples, so ISCS (rebuilt from the tokens) then describes the unsmoothed token maps.
 """
 import argparse
 import hashlib
@@ -144,12 +146,11 @@ def save_npz(path, arrays: dict, arr_0_parts=None):
 def build_models(args, device):
     """Frozen (vae, var) and, when needed, the injector with its meta."""
     if args.random_init:
-        torch.manual_seed(0)  # evaluate.py --random_init rebuilds the same VQ-VAE to decode the tokens
-        vae, var = models.build_tiny(init=True) if args.depth is None else models.build_vae_var(depth=args.depth, init=True)
+        vae, var = models.build_random(args.depth, device)  # evaluate.py --random_init rebuilds the same VQ-VAE
         inj = models.GuidanceInjector(var.C, var.patch_nums)
         nn.init.normal_(inj.proj_out.weight, std=0.02)  # an untrained injector outputs exactly 0
         meta = dict(inject='input', w_train=0.001, source='random')
-        return models._frozen(vae, device), models._frozen(var, device), models._frozen(inj, device), meta
+        return vae, var, models.frozen(inj, device), meta
     vae, var = models.load_vae_var(args.depth, args.ckpt_dir, device)
     if args.w is not None and all(w == 0 for w in args.w) and not args.injector:
         return vae, var, None, dict(source='none')
@@ -169,7 +170,7 @@ def build_models(args, device):
 def settings_of(args, var, inj_meta, w, labels_N) -> dict:
     """Everything that determines the samples of one w (stored as the npz meta; a resume must match it)."""
     return dict(preset='tiny' if args.depth is None else f'd{args.depth}', random_init=args.random_init, w=w,
-                inject=args.inject, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
+                inject=args.inject if w != 0 else None, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
                 seed=args.seed, classes=args.classes, num_per_class=args.num_per_class, batch_size=args.batch_size,
                 n=int(len(labels_N)), patch_nums=list(var.patch_nums), vocab_size=var.V,
                 injector=None if w == 0 else {k: inj_meta.get(k) for k in ('source', 'sha256', 'step', 'w_train')},
@@ -262,9 +263,12 @@ def progression(path, vae, var, hook, args, labels_N, ws, out_dir, autocast):
         idx_Bl = list(torch.from_numpy(tokens_nL.astype(np.int64)).to(var.lvl_1L.device).split(
             [pn * pn for pn in var.patch_nums], dim=1))
         blocks.append(torch.stack(vae.idxBl_to_img(idx_Bl, same_shape=True, last_one=False), dim=1).float())  # (n, K, 3, H, W)
-    rows_nWK3HW = torch.stack(blocks, dim=1)
+    rows_nWK3HW = torch.stack(blocks, dim=1).add(1).div(2)
     n, nw, K = rows_nWK3HW.shape[:3]
-    save_image(for_png(rows_nWK3HW.flatten(0, 2).add(1).div(2)), path, nrow=nw * K, padding=1)
+    # a white tile between the w blocks of a row
+    gap_nW13HW = torch.ones_like(rows_nWK3HW[:, :, :1])
+    tiles = torch.cat([rows_nWK3HW, gap_nW13HW], dim=2).flatten(1, 2)[:, :-1]      # (n, nw*(K+1)-1, 3, H, W)
+    save_image(for_png(tiles.flatten(0, 1)), path, nrow=tiles.shape[1], padding=1)
     print(f'[sample] {path}: {n} samples (classes {pick_cls}) x scales 0..{K - 1}, blocks w = {ws_prog}')
 
 
@@ -359,7 +363,7 @@ def main(argv=None):
         written = {w: out_dir / f'samples_w{w_tag(w)}.npz' for w in ws}
         if args.progression and all(path.is_file() for path in written.values()):
             progression(out_dir / 'progression.png', vae, var, hook, args, labels_N, ws, out_dir, autocast)
-    acc.wait_for_everyone()
+    # no barrier after the merge: it can outlast a collective timeout on 50k files; the other ranks just end
     return written
 
 

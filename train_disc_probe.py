@@ -90,8 +90,7 @@ def main(argv=None):
     dataset = models.build_train_data(args.depth, args.data_path, n_tiny=args.n_tiny)
     torch.manual_seed(args.seed)
     if args.random_init:
-        vae, var = models.build_tiny(init=True) if not real_model else models.build_vae_var(depth=args.depth, init=True)
-        vae, var = models._frozen(vae, device), models._frozen(var, device)
+        vae, var = models.build_random(args.depth, device, seed=args.seed)
     else:
         vae, var = models.load_vae_var(args.depth, args.ckpt_dir, device)
     if args.space == 'rgb':

@@ -69,7 +69,7 @@ p.add_argument('--n_tiny', type=int, default=20000, help='tiny preset: number of
 DEFAULTS = {
     'real': dict(w_train=0.001, lr_g=1e-6, lr_d=1e-6, global_batch_size=256, epochs=2, top_k=900, top_p=0.96,
                  sample_every=1000, ckpt_every=1000),
-    'tiny': dict(w_train=0.001, lr_g=1e-2, lr_d=2e-4, global_batch_size=32, max_steps=300, top_k=0, top_p=0.0,
+    'tiny': dict(w_train=0.001, lr_g=1e-2, lr_d=2e-4, global_batch_size=16, max_steps=250, top_k=0, top_p=0.0,
                  sample_every=100, ckpt_every=100),
 }
 GRID_CLASSES_IMAGENET = (207, 360, 387, 974, 88, 979, 417, 279)  # the VAR demo's classes
@@ -88,14 +88,13 @@ def resolve_args(argv=None):
 
 def build_everything(args, device):
     """Frozen VQ-VAE + VAR, frozen D backbone with fresh heads, fresh injector (identical on every rank)."""
-    torch.manual_seed(args.seed)  # random_init models and the fresh heads / injector are the same on every rank
     if args.random_init:
-        vae, var = models.build_tiny(init=True) if args.depth is None else models.build_vae_var(depth=args.depth, init=True)
-        vae, var = models._frozen(vae, device), models._frozen(var, device)
+        vae, var = models.build_random(args.depth, device, seed=args.seed)
         backbone = models.build_featnet() if args.depth is None else models.build_backbone_dino(pretrained=False)
     else:
         vae, var = models.load_vae_var(args.depth, args.ckpt_dir, device)
         backbone = models.load_featnet() if args.depth is None else models.build_backbone_dino(ckpt=args.dino_ckpt)
+    torch.manual_seed(args.seed)  # the fresh heads and injector are the same on every rank
     D = models.ProjectedDiscriminator(backbone, num_classes=var.num_classes).to(device)
     if args.disc_ckpt:
         ck = torch.load(args.disc_ckpt, map_location='cpu', weights_only=True)

@@ -41,12 +41,12 @@ def main():
     rng = np.random.default_rng(0)
     u8_tiny = rng.integers(0, 256, (B, 32, 32, 3), dtype=np.uint8)
     u8_real = rng.integers(0, 256, (B, 256, 256, 3), dtype=np.uint8)
-    featnet = models._frozen(models.build_featnet(), dev)
+    featnet = models.frozen(models.build_featnet(), dev)
     inception = evaluate.FIDInceptionV3().to(dev).eval().requires_grad_(False)
-    dino = models._frozen(models.build_backbone_dino(pretrained=False), dev)
+    dino = models.frozen(models.build_backbone_dino(pretrained=False), dev)
     x_real = torch.rand(B, 3, 256, 256, device=dev) * 2 - 1
     vae_t, _ = models.build_tiny()
-    vae_t = models._frozen(vae_t, dev)
+    vae_t = models.frozen(vae_t, dev)
     L_t = sum(pn * pn for pn in models.TINY['patch_nums'])
     tok_t = rng.integers(0, models.TINY['V'], (B, L_t))
 
@@ -59,7 +59,7 @@ def main():
     }
     if args.real_vae:
         vae_r, _ = models.build_vae_var(device='meta', depth=16)
-        vae_r = models._frozen(vae_r.to_empty(device=dev), dev)
+        vae_r = models.frozen(vae_r.to_empty(device=dev), dev)
         for prm in vae_r.parameters():
             torch.nn.init.normal_(prm, std=0.02)
         tok_r = rng.integers(0, 4096, (B, sum(pn * pn for pn in models.REAL_PATCH_NUMS)))

@@ -30,13 +30,7 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    if args.tiny:
-        vae, var = models.build_tiny(init=True)
-    else:
-        vae, var = models.build_vae_var(depth=args.depth, init=True)
-    vae, var = vae.eval(), var.eval()
-    var.cond_drop_rate = 0.0
+    vae, var = models.build_random(None if args.tiny else args.depth)
     B, labels = args.batch, torch.arange(args.batch) % var.num_classes
     zero_hook = lambda si, idx_prev: torch.zeros(idx_prev.shape[0], var.patch_nums[si] ** 2, var.C)
     cases = {'plain': {}, 'zero hook': dict(guidance_hook=zero_hook, guidance_w=1.0)}

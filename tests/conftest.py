@@ -2,14 +2,18 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# one thread: on the 2-core CI machines, 2 OpenMP/OpenBLAS threads measured several times slower than 1
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 FIXTURES = REPO.parent / 'shared' / 'fixtures'
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope='session')

@@ -68,7 +68,7 @@ def test_w0_is_plain_var_sampling(paired):
     out, _ = paired
     torch.manual_seed(0)  # sample.py --random_init's models
     vae, var = models.build_tiny(init=True)
-    vae, var = models._frozen(vae, 'cpu'), models._frozen(var, 'cpu')
+    vae, var = models.frozen(vae, 'cpu'), models.frozen(var, 'cpu')
     labels = torch.tensor(LABELS)
     imgs, toks = [], []
     for b in range(2):
