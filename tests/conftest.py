@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -21,3 +22,11 @@ def fixtures_dir():
     if not FIXTURES.is_dir():
         pytest.fail(f'fixtures not found at {FIXTURES}: the shared/ folder must sit beside the repo')
     return FIXTURES
+
+
+def fixture_module(name):
+    """Imports a Python file of ../shared/fixtures (the deterministic weight rules) by name."""
+    spec = importlib.util.spec_from_file_location(name, FIXTURES / f'{name}.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,18 +1,11 @@
 """Checkpoint-exactness of our VQVAE / VAR against the official implementation (../shared/fixtures)."""
-import importlib.util
 import json
 
 import pytest
 import torch
 
 import models
-
-
-def _weight_rule(fixtures_dir):
-    spec = importlib.util.spec_from_file_location('weight_rule', fixtures_dir / 'weight_rule.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import fixture_module
 
 
 @pytest.fixture(scope='module')
@@ -51,7 +44,7 @@ def test_phi_index_table(parity):
 
 
 def _build(parity, fixtures_dir, dtype):
-    rule = _weight_rule(fixtures_dir)
+    rule = fixture_module('weight_rule')
     kw = parity['config']['build_vae_var_kwargs']
     vae, var = models.build_vae_var(device='cpu', **kw)
     spec = parity['state_dict_spec']
@@ -145,11 +138,7 @@ def test_multiscale_quantizer_ten_scales(parity):
                        v_patch_nums=tuple(cfg['v_patch_nums'])).double()
     quant = vae.quantize
     # the codebook and Phi weights come from the same rule as the main VQVAE (same keys and shapes)
-    import importlib.util
-    from conftest import FIXTURES
-    spec = importlib.util.spec_from_file_location('weight_rule', FIXTURES / 'weight_rule.py')
-    rule = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rule)
+    rule = fixture_module('weight_rule')
     vae.load_state_dict(rule.make_state_dict(rule.spec_from_state_dict(vae.state_dict())), strict=True)
     ref = q['float64']
     f = ref['f'].double()
