@@ -274,7 +274,8 @@ def progression(path, vae, var, hook, args, labels_N, ws, out_dir, autocast):
 
 def main(argv=None):
     args = resolve_args(argv)
-    acc = Accelerator(cpu=args.cpu)
+    # cpu=True on a GPU-less machine lets torchrun-style launches (accelerate launch --multi_gpu) use gloo on the CPU
+    acc = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
     device, rank, world = acc.device, acc.process_index, acc.num_processes
     if args.mixed_precision is None:
         args.mixed_precision = 'fp16' if device.type == 'cuda' else 'no'

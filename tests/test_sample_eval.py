@@ -14,16 +14,6 @@ SMALL = ['--random_init', '--cpu', '--classes', '3', '7', '--num_per_class', '2'
 LABELS = [3, 3, 7, 7]
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # These models are tiny: a second intra-op thread only adds synchronisation (3-5x slower on a busy
-    # 2-core machine). Restored for the other test files.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _npz_bytes(path):
     return path.read_bytes()
 
@@ -167,3 +157,23 @@ def test_malformed_npz_gives_one_line_reasons(tmp_path):
         assert '\n' not in msg and reason in msg and path in msg, (path, msg)
     with pytest.raises(SystemExit, match='--ref'):
         evaluate.main([_write(tmp_path / 'real.npz', arr_0=np.zeros((4, 256, 256, 3), np.uint8)), '--cpu'])
+
+
+def test_two_processes_merge_the_same_npz(paired, tmp_path):
+    """accelerate launch (torchrun under --multi_gpu; gloo on a CPU-only machine): batches split over ranks, one npz."""
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    out, _ = paired
+    env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', str(REPO / 'sample.py'),
+           *[a for a in SMALL if a != '--cpu'], '--w', '0', '0.5', '--out_dir', str(tmp_path)]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'on 2 process(es)' in r.stdout
+    for name in ('samples_w0.npz', 'samples_w0.5.npz'):
+        with np.load(out / name) as a, np.load(tmp_path / name) as b:
+            for key in ('arr_0', 'labels', 'tokens'):
+                assert np.array_equal(a[key], b[key]), (name, key)
