@@ -13,6 +13,7 @@ ISCS curve.
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,7 +44,9 @@ p.add_argument('--results', type=str, default=str(REPO / 'benchmarks' / 'results
 
 def run(cmd):
     print('$', ' '.join(cmd), flush=True)
-    subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
+    env = dict(os.environ)
+    env.setdefault('OMP_NUM_THREADS', '1')  # on small shared CPUs one thread per process is several times faster
+    subprocess.run([sys.executable, *cmd], cwd=REPO, check=True, env=env)
 
 
 def one_run(args, variant, seed, out):
@@ -66,10 +69,10 @@ def one_run(args, variant, seed, out):
 
 
 def flat(metrics):
-    """The headline numbers of one evaluate.py result (its JSON has one entry per sample file)."""
-    m = metrics['results'][0] if 'results' in metrics else metrics
-    out = {k: m.get(k) for k in METRICS}
-    out['S_k'] = m.get('iscs', {}).get('S_k') if isinstance(m.get('iscs'), dict) else None
+    """The headline numbers of one evaluate.py --json result (one entry per sample file in 'results')."""
+    r = metrics['results'][0]
+    out = {k: r['metrics'].get(k) for k in METRICS}
+    out['S_k'] = r['iscs']['S_k'] if r.get('iscs') else None
     return out
 
 
