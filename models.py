@@ -11,7 +11,7 @@ eval), and sampling takes an optional guidance hook (the AID-VAR injector) and c
 import math
 import os
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Union
 
 import numpy as np
 import torch

@@ -22,8 +22,9 @@ Data: `make_shapes(n, seed)`; training seed 0 (--train_seed), held-out seed 1 (-
 tests and benchmarks use other seeds (123, 1000+), never 0 or 1.
 
 Time with the defaults, 1 thread on 2 CPU cores (AVX, no AVX2) shared with one other busy job, as measured
-for the shipped files: ~8 min (vae, ~1.4 s/step) + ~1 min (tokenise) + ~19 min (var, ~2.9 s/step) + ~6 min
-(featnet, ~0.6 s/step) = ~34 min; the per-stage wall times are in weights/MANIFEST.json. The budget is tiny for the VQ-VAE
+for the shipped files: ~8 min (vae, ~1.4 s/step) + ~1 min (tokenise) + ~19 min (var, ~2.9 s/step) + ~15 min
+(featnet, 1500 steps at ~0.55 s/step; rerun alone with `--stage featnet`) = ~43 min; the per-stage wall times are
+in weights/MANIFEST.json. These budgets give plumbing-quality models (README, "Status of the tiny preset"). The budget is tiny for the VQ-VAE
 (~5.6k images seen): shapes come out right, colours only roughly; `--vae_steps 1500` improves it (~35 min).
 Files are float16 state_dicts (the loaders cast them back to float32), ~10 MB in all.
 
@@ -77,9 +78,9 @@ parser.add_argument('--cfg', type=float, default=1.5)
 parser.add_argument('--top_k', type=int, default=0)
 parser.add_argument('--top_p', type=float, default=0.0)
 # feature network
-parser.add_argument('--fn_steps', type=int, default=600)
+parser.add_argument('--fn_steps', type=int, default=1500)
 parser.add_argument('--fn_bs', type=int, default=64)
-parser.add_argument('--fn_lr', type=float, default=5e-4)
+parser.add_argument('--fn_lr', type=float, default=1e-3)
 args = parser.parse_args()
 
 

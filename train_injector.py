@@ -69,7 +69,7 @@ p.add_argument('--n_tiny', type=int, default=20000, help='tiny preset: number of
 DEFAULTS = {
     'real': dict(w_train=0.001, lr_g=1e-6, lr_d=1e-6, global_batch_size=256, epochs=2, top_k=900, top_p=0.96,
                  sample_every=1000, ckpt_every=1000),
-    'tiny': dict(w_train=0.001, lr_g=1e-2, lr_d=2e-4, global_batch_size=16, max_steps=250, top_k=0, top_p=0.0,
+    'tiny': dict(w_train=0.001, lr_g=1e-3, lr_d=2e-4, global_batch_size=16, max_steps=250, top_k=0, top_p=0.0,
                  sample_every=100, ckpt_every=100),
 }
 GRID_CLASSES_IMAGENET = (207, 360, 387, 974, 88, 979, 417, 279)  # the VAR demo's classes
