@@ -653,10 +653,7 @@ def vit_cls(net, x_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x_B3HW.float().add(1).div(2)
     if tuple(x.shape[-2:]) != size:
         x = F.interpolate(x, size=size, mode='bicubic', align_corners=False, antialias=True)
-    cfg = getattr(net, 'pretrained_cfg', None) or {}
-    mean = torch.tensor(cfg.get('mean', (0.485, 0.456, 0.406)), device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.get('std', (0.229, 0.224, 0.225)), device=x.device).view(1, 3, 1, 1)
-    cls_BD = net.forward_head(net.forward_features((x - mean) / std), pre_logits=True)
+    cls_BD = net.forward_head(net.forward_features(models.vit_normalize(net, x)), pre_logits=True)
     return cls_BD, net.head(cls_BD)
 
 
@@ -667,7 +664,7 @@ def featnet_features(images_NHWC_uint8, net, batch_size=64, device='cpu', progre
     feats, logits = [], []
     for start in tqdm(range(0, n, batch_size), desc=desc, unit='batch', disable=not progress):
         x = torch.from_numpy(np.require(images_NHWC_uint8[start:start + batch_size], requirements=['C', 'W'])).to(device)
-        cls_BD, head_BK = vit_cls(net, x.permute(0, 3, 1, 2).float().div(127.5).sub(1))
+        cls_BD, head_BK = vit_cls(net, models.to_signed(x))
         feats.append(cls_BD.double().cpu().numpy())
         logits.append(head_BK.double().cpu().numpy())
     return np.concatenate(feats), np.concatenate(logits)
@@ -680,7 +677,7 @@ def encode_tokens(vae, images_NHWC_uint8, batch_size=64, device='cpu', progress=
     for start in tqdm(range(0, len(images_NHWC_uint8), batch_size), desc='encode reference', unit='batch',
                       disable=not progress):
         x = torch.from_numpy(np.require(images_NHWC_uint8[start:start + batch_size], requirements=['C', 'W'])).to(device)
-        idx_Bl = vae.img_to_idxBl(x.permute(0, 3, 1, 2).float().div(127.5).sub(1))
+        idx_Bl = vae.img_to_idxBl(models.to_signed(x))
         out.append(torch.cat(idx_Bl, dim=1).cpu().numpy())
     return np.concatenate(out)
 

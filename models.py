@@ -855,6 +855,11 @@ def make_shapes(n, seed, size=32, chunk=256):
     return images, labels
 
 
+def to_signed(img_NHW3_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the range every model here takes."""
+    return img_NHW3_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """The shapes set as a Dataset; generated once in __init__, no augmentation.
 
@@ -870,7 +875,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        img_3HW = self.images_NHW3[i].permute(2, 0, 1).float().div(127.5).sub(1.0)
+        img_3HW = to_signed(self.images_NHW3[i:i + 1])[0]
         return img_3HW, int(self.labels[i])
 
 
@@ -942,6 +947,15 @@ DINO_MODEL = 'vit_small_patch16_224.dino'
 DINO_HF_REPO = 'timm/vit_small_patch16_224.dino'
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def vit_normalize(net, x01_B3HW):
+    """Images in [0, 1] (B, 3, H, W) -> a timm ViT's input: (x - mean) / std from its pretrained_cfg (ImageNet default)."""
+    cfg = getattr(net, 'pretrained_cfg', None) or {}
+    # float32 constants cast to the input's dtype (bf16 under autocast, float64 in parity checks)
+    mean = torch.tensor(cfg.get('mean', _IMAGENET_MEAN), device=x01_B3HW.device).to(x01_B3HW.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get('std', _IMAGENET_STD), device=x01_B3HW.device).to(x01_B3HW.dtype).view(1, 3, 1, 1)
+    return (x01_B3HW - mean) / std
 
 
 def _dino_state_dict(path):
@@ -1116,9 +1130,6 @@ class ProjectedDiscriminator(nn.Module):
         size = backbone.patch_embed.img_size
         self.img_size = (int(size[0]), int(size[1]))
         self.num_tokens = int(np.prod(backbone.patch_embed.grid_size))
-        cfg = getattr(backbone, 'pretrained_cfg', None) or {}
-        self.register_buffer('mean', torch.tensor(cfg.get('mean', _IMAGENET_MEAN)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(cfg.get('std', _IMAGENET_STD)).view(1, 3, 1, 1), persistent=False)
         n_taps = len(hooks) + int(hook_patch)
         self.heads = nn.ModuleList([DiscHead(backbone.embed_dim, num_classes, cmap_dim) for _ in range(n_taps)])
 
@@ -1189,7 +1200,7 @@ class ProjectedDiscriminator(nn.Module):
             x = x[..., oy:oy + S_h, ox:ox + S_w]
         if tuple(x.shape[-2:]) != self.img_size:
             x = F.interpolate(x, size=self.img_size, mode='area')
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        x = vit_normalize(self.backbone, x)
         feats = self.backbone_features(x)
         # float32 logits: the hinge / R1 losses are reduced over B x 5T values
         return torch.cat([head(f, labels_B) for head, f in zip(self.heads, feats)], dim=1).float()
@@ -1484,7 +1495,7 @@ def build_featnet():
     from timm.models.vision_transformer import VisionTransformer
     net = VisionTransformer(**TINY_FEATNET)
     # DINO/ImageNet normalisation, so the projected discriminator treats both backbones alike
-    net.pretrained_cfg = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    net.pretrained_cfg = dict(mean=_IMAGENET_MEAN, std=_IMAGENET_STD)
     return net
 
 

@@ -146,11 +146,6 @@ def load_data():
     return torch.from_numpy(tr_img), torch.from_numpy(tr_lab), torch.from_numpy(va_img), torch.from_numpy(va_lab)
 
 
-def u8_to_float(img_NHW3_u8):
-    """uint8 NHWC -> float [-1, 1] NCHW."""
-    return img_NHW3_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1)
-
-
 def batches(n, bs, gen):
     """Endless random minibatch indices (reshuffled every epoch)."""
     while True:
@@ -188,7 +183,7 @@ def eval_vae(vae, va_img, bs=250):
     SN, V = len(vae.patch_nums), vae.vocab_size
     hits_SV, se, n = torch.zeros(SN, V), 0.0, 0
     for i in range(0, len(va_img), bs):
-        x = u8_to_float(va_img[i:i + bs])
+        x = models.to_signed(va_img[i:i + bs])
         idx_ls = vae.img_to_idxBl(x)
         rec = vae.idxBl_to_img(idx_ls, last_one=True)
         se += F.mse_loss(rec, x, reduction='sum').item()
@@ -214,7 +209,7 @@ def train_vae(out_dir, tr_img, va_img):
     pbar = tqdm(range(args.vae_steps), desc='vae', mininterval=10, file=sys.stdout)
     for step in pbar:
         set_lr(opt, lr_at(step, args.vae_steps, args.vae_lr))
-        x_B3HW = u8_to_float(tr_img[next(it)])
+        x_B3HW = models.to_signed(tr_img[next(it)])
         f_BChw = vae.quant_conv(vae.encoder(x_B3HW))
         f_hat_BChw, vq_loss, idx_ls = quant(f_BChw)
         rec_B3HW = vae.decoder(vae.post_quant_conv(f_hat_BChw))
@@ -248,7 +243,7 @@ def train_vae(out_dir, tr_img, va_img):
                                          loss=f'{args.vae_loss} + vq', wall_time_s=round(wall), metrics=metrics,
                                          **data_info()))
     with torch.no_grad():  # originals (top) over reconstructions (bottom), for a quick look
-        x = u8_to_float(va_img[:16])
+        x = models.to_signed(va_img[:16])
         rec = vae.img_to_reconstructed_img(x, last_one=True)
         save_image(F.interpolate(torch.cat([x, rec]).add(1).div(2), scale_factor=4, mode='nearest'),
                    out_dir / 'pretrain_vae_recon.png', nrow=16)
@@ -260,7 +255,7 @@ def train_vae(out_dir, tr_img, va_img):
 @torch.no_grad()
 def tokenize(vae, img_u8, bs=500):
     """All images -> tokens (N, L) int64, scales concatenated."""
-    out = [torch.cat(vae.img_to_idxBl(u8_to_float(img_u8[i:i + bs])), dim=1)
+    out = [torch.cat(vae.img_to_idxBl(models.to_signed(img_u8[i:i + bs])), dim=1)
            for i in tqdm(range(0, len(img_u8), bs), desc='tokenise', mininterval=10, file=sys.stdout)]
     return torch.cat(out)
 
@@ -356,10 +351,8 @@ def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
 # stage 3: feature network
 
 def featnet_input(net, x_B3HW):
-    """[-1, 1] images -> what the ViT expects: [0, 1] normalised with its pretrained_cfg mean/std."""
-    mean = torch.tensor(net.pretrained_cfg['mean']).view(1, 3, 1, 1)
-    std = torch.tensor(net.pretrained_cfg['std']).view(1, 3, 1, 1)
-    return (x_B3HW.add(1).div(2) - mean) / std
+    """[-1, 1] images -> what the ViT expects, exactly as the projected discriminator feeds it."""
+    return models.vit_normalize(net, x_B3HW.add(1).div(2))
 
 
 @torch.no_grad()
@@ -381,7 +374,7 @@ def train_featnet(out_dir, tr_img, tr_lab, va_img, va_lab):
     for step in pbar:
         set_lr(opt, lr_at(step, args.fn_steps, args.fn_lr))
         ids = next(it)
-        x_B3HW = u8_to_float(tr_img[ids])  # no augmentation: ~3 epochs at the default budget, too few to overfit
+        x_B3HW = models.to_signed(tr_img[ids])  # no augmentation: ~3 epochs at the default budget, too few to overfit
         loss = F.cross_entropy(net(featnet_input(net, x_B3HW)), tr_lab[ids], label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -392,7 +385,7 @@ def train_featnet(out_dir, tr_img, tr_lab, va_img, va_lab):
     wall = time.time() - t0
     net.requires_grad_(False)
     sd = fp16_roundtrip(net)
-    metrics = dict(val_acc=round(featnet_acc(net, u8_to_float(va_img), va_lab), 4))
+    metrics = dict(val_acc=round(featnet_acc(net, models.to_signed(va_img), va_lab), 4))
     # how recognisable the VAR's samples are (same grid as pretrain_samples.png), if a VAR exists
     if (out_dir / models.TINY_FILES['var']).is_file():
         vae, var = models.build_tiny()

@@ -115,7 +115,7 @@ def epoch_batches(dataset, epoch, start, per_device, rank, world, seed, num_work
     if isinstance(dataset, models.ShapesDataset):  # in-memory: no loader processes needed
         for i in range(0, len(idx), per_device):
             j = torch.tensor(idx[i:i + per_device])
-            yield dataset.images_NHW3[j].permute(0, 3, 1, 2).float().div(127.5).sub(1.0), dataset.labels[j]
+            yield models.to_signed(dataset.images_NHW3[j]), dataset.labels[j]
         return
     loader = torch.utils.data.DataLoader(dataset, batch_size=per_device, sampler=idx, num_workers=num_workers,
                                          pin_memory=True, drop_last=True, persistent_workers=False)

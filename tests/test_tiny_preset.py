@@ -38,16 +38,14 @@ def featnet():
 @pytest.fixture(scope='module')
 def fresh():
     img_NHW3, lab_N = make_shapes(200, FRESH_SEED)
-    x_B3HW = torch.from_numpy(img_NHW3).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    x_B3HW = models.to_signed(torch.from_numpy(img_NHW3))
     return x_B3HW, torch.from_numpy(lab_N)
 
 
 def classify(net, x_B3HW):
     """[-1, 1] images -> predicted class (the featnet expects [0, 1] normalised with its pretrained_cfg)."""
-    mean = torch.tensor(net.pretrained_cfg['mean']).view(1, 3, 1, 1)
-    std = torch.tensor(net.pretrained_cfg['std']).view(1, 3, 1, 1)
     with torch.no_grad():
-        return net((x_B3HW.add(1).div(2) - mean) / std).argmax(-1)
+        return net(models.vit_normalize(net, x_B3HW.add(1).div(2))).argmax(-1)
 
 
 def test_shipped_files_load_and_are_small(tiny, featnet):

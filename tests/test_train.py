@@ -21,7 +21,7 @@ def parts():
     args = ti.resolve_args(FAST)
     vae, var, D, G = ti.build_everything(args, 'cpu')
     torch.manual_seed(0)
-    img = torch.from_numpy(models.make_shapes(8, seed=5)[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    img = models.to_signed(torch.from_numpy(models.make_shapes(8, seed=5)[0]))
     labels = torch.arange(8) % 10
     with torch.no_grad():
         idx = vae.img_to_idxBl(img)
