@@ -6,6 +6,7 @@ script runs on a laptop CPU with no network. This script produces its shipped we
     weights/tiny_vae.pt       the multi-scale VQ-VAE (32x32 images -> 8x8x16 latent, vocab 256, patch_nums 1..8)
     weights/tiny_var.pt       the class-conditional VAR (depth 4, width 192) on the VQ-VAE's tokens
     weights/tiny_featnet.pt   a small timm ViT classifier: the tiny preset's DINO and Inception stand-in
+    weights/pretrain_*.png    VQ-VAE reconstructions and a VAR sample grid, for a look
     weights/MANIFEST.json     sha256, size and provenance (command, seeds, steps, metrics, wall time) per file
 
 Stages (`--stage all|vae|var|featnet`; a later stage loads the earlier stages' files from --out_dir):
@@ -15,17 +16,20 @@ Stages (`--stage all|vae|var|featnet`; a later stage loads the earlier stages' f
   2. var:     tokenise the training set once with the frozen VQ-VAE, then teacher-forced cross-entropy
               over all 130 token positions, with class dropout 0.1 (needed by classifier-free guidance).
               Ends with a 10x10 sample grid at --out_dir/pretrain_samples.png (one row per class).
-  3. featnet: a ViT classifier on images in [0, 1] normalised with its pretrained_cfg mean/std, as the
-              projected discriminator feeds it. Also scores the VAR's samples with it (same grid).
+  3. featnet: a ViT classifier (convolutional stem, models.build_featnet) on images in [0, 1] normalised with
+              its pretrained_cfg mean/std, as the projected discriminator feeds it; its own 60k shapes, mirror
+              flips. Once all three files exist, the VAR's sample grid is scored with it (MANIFEST.json).
 
 Data: `make_shapes(n, seed)`; training seed 0 (--train_seed), held-out seed 1 (--val_seed). Evaluation,
 tests and benchmarks use other seeds (123, 1000+), never 0 or 1.
 
-Time with the defaults, 1 thread on 2 CPU cores (AVX, no AVX2) shared with one other busy job, as measured
-for the shipped files: ~8 min (vae, ~1.4 s/step) + ~1 min (tokenise) + ~19 min (var, ~2.9 s/step) + ~15 min
-(featnet, 1500 steps at ~0.55 s/step; rerun alone with `--stage featnet`) = ~43 min; the per-stage wall times are
-in weights/MANIFEST.json. These budgets give plumbing-quality models (README, "Status of the tiny preset"). The budget is tiny for the VQ-VAE
-(~5.6k images seen): shapes come out right, colours only roughly; `--vae_steps 1500` improves it (~35 min).
+Time with the defaults, 1 thread per process on 2 CPU cores (AVX, no AVX2), as measured for the shipped files:
+the VQ-VAE (700 steps, ~0.76 s/step: 8.9 min) + tokenising (~1 min) + the VAR (650 steps, ~1.2 s/step: 13.1 min)
+on one core, and the feature network (2500 steps, ~0.55 s/step: 22.9 min) on the other at the same time
+(`--serial` runs it afterwards instead): ~24 min in all. The per-stage wall times are in weights/MANIFEST.json.
+The VQ-VAE and feature network come out usable (held-out MSE 0.05, 92.6% accuracy); the VAR is undertrained
+at this budget (its samples are mostly blobs with the right colours and some of the class structure), which
+leaves AID-VAR plenty of errors to correct (README, "The tiny preset").
 Files are float16 state_dicts (the loaders cast them back to float32), ~10 MB in all.
 
     python pretrain_tiny.py                     # everything, into weights/
@@ -36,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,28 +64,34 @@ parser.add_argument('--seed', type=int, default=0, help='torch seed (init, batch
 # 1 thread by default: on 2 shared cores, 2 OpenMP threads spin against the other jobs and ran 8x slower (measured)
 parser.add_argument('--threads', type=int, default=1)
 # VQ-VAE
-parser.add_argument('--vae_steps', type=int, default=350)
+parser.add_argument('--vae_steps', type=int, default=700)
 parser.add_argument('--vae_bs', type=int, default=16)
 parser.add_argument('--vae_lr', type=float, default=2e-3)
 parser.add_argument('--vae_loss', default='l1', choices=['l1', 'mse'])
 parser.add_argument('--dead_window', type=int, default=50, help='re-seed codes unused over this many steps')
 parser.add_argument('--dead_until', type=float, default=0.8, help='stop re-seeding after this fraction of the steps')
 # VAR
-parser.add_argument('--var_steps', type=int, default=400)
-parser.add_argument('--var_bs', type=int, default=64)
+parser.add_argument('--var_steps', type=int, default=650)
+parser.add_argument('--var_bs', type=int, default=32)
 parser.add_argument('--var_lr', type=float, default=2e-3)
 parser.add_argument('--var_wd', type=float, default=0.05)
 parser.add_argument('--var_clip', type=float, default=2.0)
-parser.add_argument('--var_eval_every', type=int, default=150)
+parser.add_argument('--var_eval_every', type=int, default=200)
 parser.add_argument('--warmup', type=float, default=0.05, help='warm-up fraction of the steps (VAE, VAR, featnet)')
 # sampling for the grid / the sample score
 parser.add_argument('--cfg', type=float, default=1.5)
 parser.add_argument('--top_k', type=int, default=0)
 parser.add_argument('--top_p', type=float, default=0.0)
 # feature network
-parser.add_argument('--fn_steps', type=int, default=1500)
+parser.add_argument('--fn_steps', type=int, default=2500)
 parser.add_argument('--fn_bs', type=int, default=64)
 parser.add_argument('--fn_lr', type=float, default=1e-3)
+parser.add_argument('--fn_n_train', type=int, default=60000,
+                    help='the feature network sees its own, larger set (make_shapes(fn_n_train, train_seed)): it is cheap '
+                         'per image and overfits 12k images')
+parser.add_argument('--serial', action='store_true',
+                    help='--stage all: train the feature network after the VAR instead of in a second process alongside')
+parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)  # the parallel featnet process
 args = parser.parse_args()
 
 
@@ -362,8 +373,11 @@ def featnet_acc(net, x_B3HW, lab_B, bs=250):
     return (pred == lab_B).float().mean().item()
 
 
-def train_featnet(out_dir, tr_img, tr_lab, va_img, va_lab):
+def train_featnet(out_dir, va_img, va_lab):
     torch.manual_seed(args.seed)
+    t0 = time.time()
+    tr_img, tr_lab = (torch.from_numpy(a) for a in make_shapes(args.fn_n_train, args.train_seed))
+    print(f'[featnet] {args.fn_n_train} training shapes (seed {args.train_seed}) in {time.time() - t0:.0f}s')
     net = models.build_featnet()
     opt = torch.optim.AdamW(net.parameters(), lr=args.fn_lr, betas=(0.9, 0.999), weight_decay=0.05)
     gen = torch.Generator().manual_seed(args.seed)
@@ -374,7 +388,10 @@ def train_featnet(out_dir, tr_img, tr_lab, va_img, va_lab):
     for step in pbar:
         set_lr(opt, lr_at(step, args.fn_steps, args.fn_lr))
         ids = next(it)
-        x_B3HW = models.to_signed(tr_img[ids])  # no augmentation: ~3 epochs at the default budget, too few to overfit
+        x_B3HW = models.to_signed(tr_img[ids])
+        # mirror half the batch: every class is mirror-symmetric up to rotation, so labels stay right
+        flip_B = torch.rand(len(ids), generator=gen) < 0.5
+        x_B3HW = torch.where(flip_B[:, None, None, None], x_B3HW.flip(-1), x_B3HW)
         loss = F.cross_entropy(net(featnet_input(net, x_B3HW)), tr_lab[ids], label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -386,20 +403,35 @@ def train_featnet(out_dir, tr_img, tr_lab, va_img, va_lab):
     net.requires_grad_(False)
     sd = fp16_roundtrip(net)
     metrics = dict(val_acc=round(featnet_acc(net, models.to_signed(va_img), va_lab), 4))
-    # how recognisable the VAR's samples are (same grid as pretrain_samples.png), if a VAR exists
-    if (out_dir / models.TINY_FILES['var']).is_file():
-        vae, var = models.build_tiny()
-        load_file(vae, out_dir, 'vae')
-        load_file(var, out_dir, 'var')
-        vae.eval().requires_grad_(False)
-        var.eval().requires_grad_(False)
-        img_B3HW, lab_B = sample_grid(var, out_dir / 'pretrain_samples.png')
-        metrics['var_sample_acc'] = round(featnet_acc(net, img_B3HW.mul(2).sub(1), lab_B), 4)
-        metrics['var_sample_settings'] = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, n=len(lab_B), g_seed=0)
     print(f'[featnet] {wall / 60:.1f} min; (fp16 weights) {metrics}')
     save_atomic(sd, out_dir / models.TINY_FILES['featnet'])
     update_manifest(out_dir, 'featnet', dict(stage='featnet', steps=args.fn_steps, batch=args.fn_bs, lr=args.fn_lr,
-                                             wall_time_s=round(wall), metrics=metrics, **data_info()))
+                                             wall_time_s=round(wall), metrics=metrics,
+                                             **dict(data_info(), train_images=args.fn_n_train)))
+
+
+@torch.no_grad()
+def score_var_samples(out_dir):
+    """How recognisable the VAR's samples are to the feature network (the pretrain_samples.png grid); both files
+    must exist. Written into the featnet entry of MANIFEST.json."""
+    vae, var = models.build_tiny()
+    load_file(vae, out_dir, 'vae')
+    load_file(var, out_dir, 'var')
+    vae.eval().requires_grad_(False)
+    var.eval().requires_grad_(False)
+    net = models.build_featnet()
+    load_file(net, out_dir, 'featnet')
+    img_B3HW, lab_B = sample_grid(var, out_dir / 'pretrain_samples.png')
+    acc = round(featnet_acc(net, img_B3HW.mul(2).sub(1), lab_B), 4)
+    print(f'[featnet] accuracy on the VAR grid ({len(lab_B)} samples, cfg {args.cfg}): {acc}')
+    path = out_dir / 'MANIFEST.json'
+    manifest = json.loads(path.read_text())
+    manifest[models.TINY_FILES['featnet']]['metrics'].update(
+        var_sample_acc=acc, var_sample_settings=dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, n=len(lab_B),
+                                                     g_seed=0, var_sha256=sha256(out_dir / models.TINY_FILES['var'])))
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -408,23 +440,37 @@ def main():
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tr_img, tr_lab, va_img, va_lab = load_data()
     t0 = time.time()
+    child = None
+    if args.stage == 'all' and not args.serial:
+        # the feature network does not depend on the VQ-VAE/VAR: train it on the second core meanwhile
+        # (argparse keeps the last --stage); its log goes to out_dir/pretrain_featnet.log
+        log = open(out_dir / 'pretrain_featnet.log', 'w')
+        child = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], '--stage', 'featnet', '--child'],
+                                 stdout=log, stderr=subprocess.STDOUT)
+        print(f'[featnet] training in process {child.pid} alongside; log: {log.name}')
+    tr_img, tr_lab, va_img, va_lab = load_data()
     if args.stage in ('all', 'vae'):
         train_vae(out_dir, tr_img, va_img)
     if args.stage in ('all', 'var'):
         train_var(out_dir, tr_img, tr_lab, va_img, va_lab)
-    if args.stage in ('all', 'featnet'):
-        train_featnet(out_dir, tr_img, tr_lab, va_img, va_lab)
+    if args.stage == 'featnet' or (args.stage == 'all' and args.serial):
+        train_featnet(out_dir, va_img, va_lab)
+    if child is not None and child.wait() != 0:
+        raise SystemExit(f'the feature network process failed (exit {child.returncode}); see {log.name}')
+    if args.child:
+        return
+    names = [n for n in ('vae', 'var', 'featnet') if (out_dir / models.TINY_FILES[n]).is_file()]
+    if len(names) == 3:
+        score_var_samples(out_dir)
     # the shipped loaders must accept what was written (they read models.TINY_DIR)
     if out_dir.resolve() == Path(models.TINY_DIR).resolve():
-        written = [models.TINY_FILES[n] for n in ('vae', 'var', 'featnet') if (out_dir / models.TINY_FILES[n]).is_file()]
-        if all((out_dir / models.TINY_FILES[n]).is_file() for n in ('vae', 'var')):
+        if 'var' in names:
             models.load_tiny()
-        if (out_dir / models.TINY_FILES['featnet']).is_file():
+        if 'featnet' in names:
             models.load_featnet()
-        total = sum((out_dir / f).stat().st_size for f in written)
-        print(f'[check] models.load_tiny() / load_featnet() load {written}: {total / 1e6:.2f} MB in all')
+        total = sum((out_dir / models.TINY_FILES[n]).stat().st_size for n in names)
+        print(f'[check] models.load_tiny() / load_featnet() load {names}: {total / 1e6:.2f} MB in all')
     print(f'[done] {(time.time() - t0) / 60:.1f} min')
 
 

@@ -31,7 +31,7 @@ p.add_argument('--random_init', action='store_true', help='random weights (tests
 p.add_argument('--space', choices=['rgb', 'latent'], default='rgb')
 p.add_argument('--steps', type=int, default=200)
 p.add_argument('--batch_size', type=int, default=16)
-p.add_argument('--lr_d', type=float, default=2e-4)
+p.add_argument('--lr_d', type=float, default=2e-3)
 p.add_argument('--cfg', type=float, default=1.5)
 p.add_argument('--top_k', type=int, default=None, help='default: 900 for real models, 0 for tiny')
 p.add_argument('--top_p', type=float, default=None, help='default: 0.96 for real models, 0 for tiny')

@@ -1,22 +1,29 @@
 """The tiny-preset AID-VAR experiment: does the trained injector beat the frozen VAR, paired, over seeds?
 
-For every variant (default flags and the cheap ablations) and training seed: train an injector
-(train_injector.py), sample the same labels and seeds with w = 0 (the baseline) and each guided w
-(sample.py --w 0 w1 w2 ...), and evaluate every npz against held-out real shapes (evaluate.py: FID / IS /
-precision / recall with the tiny feature network, class accuracy, ISCS). The evaluation seed (--sample_seed)
-is never used for training or tuning. D on RGB vs latent comes from train_disc_probe.py.
-Writes benchmarks/results/tiny_experiment.{json,md}: mean and spread over training seeds, and the per-scale
-ISCS curve.
+1. Baseline: the frozen VAR's samples (sample.py --w 0) for --n_per_class x 10 labels from --sample_seed.
+   w = 0 never calls the injector, so one baseline file is the w = 0 of every run (sample.py's tests pin this).
+2. For every variant (default flags and the cheap ablations) and training seed: train an injector
+   (train_injector.py), sample the same labels and seeds at each guided w, evaluate every npz against
+   held-out real shapes (evaluate.py: FID / IS / precision / recall with the tiny feature network, class
+   accuracy, ISCS with its per-scale S_k).
+   The default variant runs --seeds at the full --w sweep; the ablations run --ablation_seeds at --ablation_w.
+3. D on RGB vs latent: train_disc_probe.py --space rgb|latent, final per-scale accuracies.
+Independent runs go --jobs at a time (one thread each: 2 cores -> 2 jobs). The evaluation seed
+(--sample_seed) is never used for training or tuning; the reference shapes are seed 1000.
+Writes benchmarks/results/tiny_experiment.{json,md}: mean ± std over training seeds, the paired FID change,
+and the per-scale ISCS curve. A finished run's files are reused, so an interrupted experiment resumes.
 
-    python benchmarks/tiny_experiment.py                                      # the README table (hours on 2 cores)
+    python benchmarks/tiny_experiment.py                                      # the README table (~1.5 h on 2 cores)
     python benchmarks/tiny_experiment.py --seeds 0 --variants default --n_per_class 50 --steps 100   # quick look
 """
 import argparse
+import csv
 import json
 import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,60 +38,91 @@ VARIANTS = {
 METRICS = ('FID', 'IS', 'precision', 'recall', 'class_acc', 'ISCS')
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='training seeds')
+p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='training seeds of the default variant')
 p.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
-p.add_argument('--w', type=float, nargs='+', default=[0.0001, 0.001, 0.01, 0.1], help='guided weights (w=0 is always added)')
+p.add_argument('--w', type=float, nargs='+', default=[0.0001, 0.001, 0.01, 0.1], help='guided weights (default variant)')
+p.add_argument('--ablation_seeds', type=int, nargs='+', default=[0])
+p.add_argument('--ablation_w', type=float, nargs='+', default=[0.001])
 p.add_argument('--n_per_class', type=int, default=200, help='samples per class (10 classes): 2,000 by default')
 p.add_argument('--sample_seed', type=int, default=1234, help='evaluation seed: never used for training or tuning')
 p.add_argument('--steps', type=int, default=None, help='training steps (default: train_injector.py default)')
-p.add_argument('--probe_steps', type=int, default=200, help='train_disc_probe.py steps (0 skips the RGB/latent probe)')
+p.add_argument('--train_args', type=str, default='', help='extra train_injector.py flags for every run')
+p.add_argument('--probe_steps', type=int, default=100, help='train_disc_probe.py steps (0 skips the RGB/latent probe)')
+p.add_argument('--jobs', type=int, default=2, help='runs in parallel (one thread each)')
 p.add_argument('--out_dir', type=str, default='runs/tiny_experiment')
 p.add_argument('--results', type=str, default=str(REPO / 'benchmarks' / 'results'))
 
 
-def run(cmd):
-    print('$', ' '.join(cmd), flush=True)
+def run(cmd, log):
+    """One script run, output to its own log file (parallel runs would interleave on the terminal)."""
     env = dict(os.environ)
     env.setdefault('OMP_NUM_THREADS', '1')  # on small shared CPUs one thread per process is several times faster
-    subprocess.run([sys.executable, *cmd], cwd=REPO, check=True, env=env)
+    print('$', ' '.join(cmd), '>', log, flush=True)
+    with open(log, 'a') as f:
+        r = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode:
+        raise SystemExit(f'failed (exit {r.returncode}): {" ".join(cmd)}; see {log}')
 
 
-def one_run(args, variant, seed, out):
-    """Train, sample paired, evaluate. Returns {w: metrics dict}."""
-    run_dir = out / f'{variant}_s{seed}'
-    if not (run_dir / 'injector.pt').is_file():
-        steps = ['--max_steps', str(args.steps)] if args.steps else []
-        run(['train_injector.py', '--seed', str(seed), '--out_dir', str(run_dir), '--sample_every', '0', *steps,
-             *VARIANTS[variant]])
-    ws = [0.0] + list(args.w)
-    run(['sample.py', '--injector', str(run_dir / 'injector.pt'), '--w', *map(str, ws), '--num_per_class',
-         str(args.n_per_class), '--seed', str(args.sample_seed), '--out_dir', str(run_dir / 'samples')])
-    res = {}
-    for w in ws:
-        npz = run_dir / 'samples' / f'samples_w{w:g}.npz'
-        js = npz.with_suffix('.eval.json')
-        run(['evaluate.py', str(npz), '--json', str(js)])
-        res[w] = json.loads(js.read_text())
-    return res
+def evaluate(npz, log):
+    js = npz.with_suffix('.eval.json')
+    if not js.is_file():
+        run(['evaluate.py', str(npz), '--json', str(js)], log)
+    return flat(json.loads(js.read_text()))
 
 
-def flat(metrics):
+def flat(result):
     """The headline numbers of one evaluate.py --json result (one entry per sample file in 'results')."""
-    r = metrics['results'][0]
+    r = result['results'][0]
     out = {k: r['metrics'].get(k) for k in METRICS}
     out['S_k'] = r['iscs']['S_k'] if r.get('iscs') else None
     return out
 
 
-def summarise(all_res, args):
-    rows = {}
-    for variant, per_seed in all_res.items():
-        for w in [0.0] + list(args.w):
-            vals = {k: [flat(per_seed[s][w])[k] for s in per_seed if flat(per_seed[s][w])[k] is not None] for k in METRICS}
-            deltas = [flat(per_seed[s][w])['FID'] - flat(per_seed[s][0.0])['FID'] for s in per_seed]
-            rows[f'{variant} w={w:g}'] = {k: (statistics.mean(v), statistics.pstdev(v)) for k, v in vals.items() if v}
-            rows[f'{variant} w={w:g}']['dFID'] = (statistics.mean(deltas), statistics.pstdev(deltas))
-    return rows
+def sample(args, out_dir, ws, log, injector=None):
+    missing = [w for w in ws if not (out_dir / f'samples_w{w:g}.npz').is_file()]
+    if missing:
+        inj = ['--injector', str(injector)] if injector else []
+        run(['sample.py', *inj, '--w', *map(str, missing), '--num_per_class', str(args.n_per_class),
+             '--seed', str(args.sample_seed), '--out_dir', str(out_dir)], log)
+    return [out_dir / f'samples_w{w:g}.npz' for w in ws]
+
+
+def one_run(args, variant, seed, ws, out):
+    """Train, sample the guided w's, evaluate. Returns {w: metrics}."""
+    run_dir = out / f'{variant}_s{seed}'
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / 'experiment.log'
+    if not (run_dir / 'injector.pt').is_file() or not (run_dir / 'done').is_file():
+        steps = ['--max_steps', str(args.steps)] if args.steps else []
+        run(['train_injector.py', '--seed', str(seed), '--out_dir', str(run_dir), '--sample_every', '0',
+             '--resume', 'auto', *steps, *args.train_args.split(), *VARIANTS[variant]], log)
+        (run_dir / 'done').touch()
+    npzs = sample(args, run_dir / 'samples', ws, log, injector=run_dir / 'injector.pt')
+    return {w: evaluate(npz, log) for w, npz in zip(ws, npzs)}
+
+
+def probe(args, out):
+    """Final per-scale D accuracy (mean of real/fake) of train_disc_probe.py in RGB and latent space."""
+    res = {}
+    for space in ('rgb', 'latent'):
+        csv_path = out / 'probe' / f'probe_{space}.csv'
+        if not csv_path.is_file():
+            (out / 'probe').mkdir(parents=True, exist_ok=True)
+            run(['train_disc_probe.py', '--space', space, '--steps', str(args.probe_steps), '--out_dir', str(out / 'probe')],
+                out / 'probe' / f'{space}.log')
+        rows = list(csv.DictReader(csv_path.open()))
+        last = max(int(r['step']) for r in rows)
+        tail = [r for r in rows if int(r['step']) > last - 20]  # the last 20 steps, per scale
+        scales = sorted({int(r['scale']) for r in tail})
+        res[space] = {k: statistics.mean((float(r['acc_real']) + float(r['acc_fake'])) / 2 for r in tail if int(r['scale']) == k)
+                      for k in scales}
+    return res
+
+
+def mean_std(vals):
+    vals = [v for v in vals if v is not None]
+    return (statistics.mean(vals), statistics.pstdev(vals)) if vals else None
 
 
 def main():
@@ -92,22 +130,56 @@ def main():
     out = REPO / args.out_dir
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    all_res = {v: {s: one_run(args, v, s, out) for s in args.seeds} for v in args.variants}
-    rows = summarise(all_res, args)
-    probe = {}
-    if args.probe_steps:
-        for space in ('rgb', 'latent'):
-            run(['train_disc_probe.py', '--space', space, '--steps', str(args.probe_steps), '--out_dir', str(out / 'probe')])
-            probe[space] = str(out / 'probe' / f'probe_{space}.csv')
-    (results / 'tiny_experiment.json').write_text(json.dumps(dict(args=vars(args), rows=rows, raw=all_res, probe=probe),
-                                                             indent=1, default=str))
-    lines = [f'Tiny preset, paired samples ({args.n_per_class * 10} per w, sample seed {args.sample_seed}), '
-             f'training seeds {args.seeds}: mean ± std over seeds.', '',
-             '| run | FID | dFID vs w=0 | IS | precision | recall | class acc | ISCS |', '|' + ' --- |' * 8]
+    # the baseline first and alone: it also fills the reference-feature cache the parallel evaluations share
+    (out / 'baseline').mkdir(parents=True, exist_ok=True)
+    base_log = out / 'baseline' / 'experiment.log'
+    base = evaluate(sample(args, out / 'baseline', [0.0], base_log)[0], base_log)
+    plan = [(v, s, args.w if v == 'default' else args.ablation_w)
+            for v in args.variants for s in (args.seeds if v == 'default' else args.ablation_seeds)]
+    with ThreadPoolExecutor(args.jobs) as ex:
+        futures = {(v, s): ex.submit(one_run, args, v, s, ws, out) for v, s, ws in plan}
+        probe_res = ex.submit(probe, args, out).result() if args.probe_steps else {}
+        res = {k: f.result() for k, f in futures.items()}
+
+    rows = {'baseline (frozen VAR) w=0': {k: (base[k], 0.0) for k in METRICS if base[k] is not None}}
+    rows['baseline (frozen VAR) w=0']['dFID'] = (0.0, 0.0)
+    curves = {'w=0': base['S_k']}
+    for v in args.variants:
+        seeds = args.seeds if v == 'default' else args.ablation_seeds
+        for w in (args.w if v == 'default' else args.ablation_w):
+            per = [res[(v, s)][w] for s in seeds]
+            row = {k: mean_std([m[k] for m in per]) for k in METRICS}
+            row['dFID'] = mean_std([m['FID'] - base['FID'] for m in per])
+            row['n_seeds'] = len(seeds)
+            rows[f'{v} w={w:g}'] = {k: x for k, x in row.items() if x is not None}
+            if v == 'default':
+                curves[f'w={w:g}'] = [statistics.mean(c) for c in zip(*[m['S_k'] for m in per])] if per[0]['S_k'] else None
+    (results / 'tiny_experiment.json').write_text(json.dumps(dict(
+        args=vars(args), rows=rows, iscs_S_k=curves, probe_acc_per_scale=probe_res,
+        raw={f'{v}_s{s}': {f'{w:g}': m for w, m in r.items()} for (v, s), r in res.items()}, baseline=base), indent=1))
+
+    n = args.n_per_class * 10
+    lines = [f'Tiny preset, paired: {n} samples per row from the same labels and seeds (sample seed {args.sample_seed}); '
+             f'default variant over training seeds {args.seeds}, ablations over {args.ablation_seeds}: mean ± std over '
+             f'training seeds. dFID = FID(w) - FID(w=0), negative is better.', '',
+             '| run | seeds | FID | dFID | IS | precision | recall | class acc | ISCS |', '|' + ' --- |' * 9]
     for name, r in rows.items():
-        cell = lambda k, f='{:.3f}': (f.format(r[k][0]) + ' ± ' + f.format(r[k][1])) if k in r else '-'
-        lines.append(f'| {name} | {cell("FID")} | {cell("dFID")} | {cell("IS")} | {cell("precision")} | '
-                     f'{cell("recall")} | {cell("class_acc")} | {cell("ISCS", "{:.4g}")} |')
+        def cell(k, f='{:.3f}'):
+            if k not in r:
+                return '-'
+            return f.format(r[k][0]) + (' ± ' + f.format(r[k][1]) if r.get('n_seeds', 1) > 1 else '')
+        lines.append(f'| {name} | {r.get("n_seeds", "-")} | {cell("FID", "{:.2f}")} | {cell("dFID", "{:+.2f}")} | '
+                     f'{cell("IS")} | {cell("precision")} | {cell("recall")} | {cell("class_acc")} | {cell("ISCS")} |')
+    if any(c for c in curves.values()):
+        K = len(next(c for c in curves.values() if c))
+        lines += ['', 'ISCS per transition (S_k = 1 / FD_k, higher = more consistent), default variant, mean over seeds:', '',
+                  '| w | ' + ' | '.join(f'S_{k + 1}' for k in range(K)) + ' |', '|' + ' --- |' * (K + 1)]
+        lines += [f'| {w} | ' + ' | '.join(f'{x:.2f}' for x in c) + ' |' for w, c in curves.items() if c]
+    if probe_res:
+        K = max(len(v) for v in probe_res.values())
+        lines += ['', f'D probe (train_disc_probe.py, {args.probe_steps} steps): real/fake accuracy per scale, last 20 steps:',
+                  '', '| space | ' + ' | '.join(f'scale {k}' for k in sorted(probe_res['rgb'])) + ' |', '|' + ' --- |' * (K + 1)]
+        lines += [f'| {s} | ' + ' | '.join(f'{a:.3f}' for a in accs.values()) + ' |' for s, accs in probe_res.items()]
     (results / 'tiny_experiment.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
 

@@ -67,7 +67,7 @@ def _state(m):
 def test_only_injector_and_heads_change(tmp_path):
     args = ti.resolve_args(FAST)
     vae0, var0, D0, G0 = ti.build_everything(args, 'cpu')
-    out = ti.main(FAST + ['--max_steps', '3', '--r1_every', '2', '--sample_every', '3', '--out_dir', str(tmp_path)])
+    out = ti.main(FAST + ['--max_steps', '3', '--r1_gamma', '0.2', '--r1_every', '2', '--sample_every', '3', '--out_dir', str(tmp_path)])
     for name, before in (('vae', vae0), ('var', var0)):
         after = out[name].state_dict()
         assert all(torch.equal(v, after[k]) for k, v in before.state_dict().items()), name
@@ -89,7 +89,7 @@ def _losses(path):
 
 
 def test_resume_is_exact(tmp_path):
-    common = FAST + ['--r1_every', '2', '--ckpt_every', '2', '--context', 'rollout']
+    common = FAST + ['--r1_gamma', '0.2', '--r1_every', '2', '--ckpt_every', '2', '--context', 'rollout']
     ti.main(common + ['--max_steps', '4', '--out_dir', str(tmp_path / 'a')])
     ti.main(common + ['--max_steps', '2', '--out_dir', str(tmp_path / 'b')])
     ti.main(common + ['--max_steps', '4', '--out_dir', str(tmp_path / 'b'), '--resume', 'auto'])
