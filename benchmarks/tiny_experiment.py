@@ -167,7 +167,7 @@ def main():
         def cell(k, f='{:.3f}'):
             if k not in r:
                 return '-'
-            return f.format(r[k][0]) + (' ± ' + f.format(r[k][1]) if r.get('n_seeds', 1) > 1 else '')
+            return f.format(r[k][0]) + (' ± ' + f.replace('+', '').format(r[k][1]) if r.get('n_seeds', 1) > 1 else '')
         lines.append(f'| {name} | {r.get("n_seeds", "-")} | {cell("FID", "{:.2f}")} | {cell("dFID", "{:+.2f}")} | '
                      f'{cell("IS")} | {cell("precision")} | {cell("recall")} | {cell("class_acc")} | {cell("ISCS")} |')
     if any(c for c in curves.values()):
