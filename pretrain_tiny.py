@@ -130,17 +130,26 @@ def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def read_manifest(out_dir):
+    path = out_dir / 'MANIFEST.json'
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_manifest(out_dir, manifest):
+    path = out_dir / 'MANIFEST.json'
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
+    os.replace(tmp, path)
+
+
 def update_manifest(out_dir, name, info):
     """Adds/replaces one file's entry in MANIFEST.json (other stages' entries are kept)."""
-    path = out_dir / 'MANIFEST.json'
-    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    manifest = read_manifest(out_dir)
     fpath = out_dir / models.TINY_FILES[name]
     manifest[models.TINY_FILES[name]] = dict(
         sha256=sha256(fpath), size_bytes=fpath.stat().st_size,
         command='python ' + ' '.join(sys.argv), torch_version=torch.__version__, **info)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
-    os.replace(tmp, path)
+    write_manifest(out_dir, manifest)
 
 
 def load_file(model, out_dir, name):
@@ -148,13 +157,15 @@ def load_file(model, out_dir, name):
     return models.load_checked(model, models.load_state_dict_file(path), path, f'the tiny preset {name}')
 
 
-def load_data():
+def load_data(with_train):
+    """(train images, train labels) -- None, None without with_train (the feature network has its own set) --
+    and (val images, val labels), as tensors."""
     t0 = time.time()
-    tr_img, tr_lab = make_shapes(args.n_train, args.train_seed)
-    va_img, va_lab = make_shapes(args.n_val, args.val_seed)
-    print(f'[data] {args.n_train} train (seed {args.train_seed}) + {args.n_val} val (seed {args.val_seed}) shapes '
-          f'in {time.time() - t0:.0f}s')
-    return torch.from_numpy(tr_img), torch.from_numpy(tr_lab), torch.from_numpy(va_img), torch.from_numpy(va_lab)
+    tr = [torch.from_numpy(a) for a in make_shapes(args.n_train, args.train_seed)] if with_train else [None, None]
+    va = [torch.from_numpy(a) for a in make_shapes(args.n_val, args.val_seed)]
+    print(f'[data] {f"{args.n_train} train (seed {args.train_seed}) + " if with_train else ""}{args.n_val} val '
+          f'(seed {args.val_seed}) shapes in {time.time() - t0:.0f}s')
+    return (*tr, *va)
 
 
 def batches(n, bs, gen):
@@ -424,14 +435,11 @@ def score_var_samples(out_dir):
     img_B3HW, lab_B = sample_grid(var, out_dir / 'pretrain_samples.png')
     acc = round(featnet_acc(net, img_B3HW.mul(2).sub(1), lab_B), 4)
     print(f'[featnet] accuracy on the VAR grid ({len(lab_B)} samples, cfg {args.cfg}): {acc}')
-    path = out_dir / 'MANIFEST.json'
-    manifest = json.loads(path.read_text())
+    manifest = read_manifest(out_dir)
     manifest[models.TINY_FILES['featnet']]['metrics'].update(
         var_sample_acc=acc, var_sample_settings=dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, n=len(lab_B),
                                                      g_seed=0, var_sha256=sha256(out_dir / models.TINY_FILES['var'])))
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
-    os.replace(tmp, path)
+    write_manifest(out_dir, manifest)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -449,7 +457,7 @@ def main():
         child = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], '--stage', 'featnet', '--child'],
                                  stdout=log, stderr=subprocess.STDOUT)
         print(f'[featnet] training in process {child.pid} alongside; log: {log.name}')
-    tr_img, tr_lab, va_img, va_lab = load_data()
+    tr_img, tr_lab, va_img, va_lab = load_data(with_train=args.stage in ('all', 'vae', 'var'))
     if args.stage in ('all', 'vae'):
         train_vae(out_dir, tr_img, va_img)
     if args.stage in ('all', 'var'):

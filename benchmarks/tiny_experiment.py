@@ -93,7 +93,7 @@ def one_run(args, variant, seed, ws, out):
     run_dir = out / f'{variant}_s{seed}'
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / 'experiment.log'
-    if not (run_dir / 'injector.pt').is_file() or not (run_dir / 'done').is_file():
+    if not (run_dir / 'done').is_file():  # written after training finished (an interrupted run resumes from last.pt)
         steps = ['--max_steps', str(args.steps)] if args.steps else []
         run(['train_injector.py', '--seed', str(seed), '--out_dir', str(run_dir), '--sample_every', '0',
              '--resume', 'auto', *steps, *args.train_args.split(), *VARIANTS[variant]], log)
