@@ -1,7 +1,7 @@
 """AID-VAR sampling: npz files in the ADM evaluator format, image grids, scale-by-scale progressions.
 
-    python sample.py --w 0.001                       # tiny preset: shipped VAR + injector, CPU, seconds
-    python sample.py --w 0 0.001 --progression       # paired baseline / guided from identical seeds
+    python sample.py --w 0.01                        # tiny preset: shipped VAR + injector, CPU, seconds
+    python sample.py --w 0 0.01 --progression        # paired baseline / guided from identical seeds
     python sample.py --depth 16 --injector runs/injector/injector.pt --w 0 0.001
     accelerate launch sample.py --depth 16 --injector ... --w 0.001   # 50 per class x 1000 classes, all GPUs
 
