@@ -134,19 +134,18 @@ def main():
     (out / 'baseline').mkdir(parents=True, exist_ok=True)
     base_log = out / 'baseline' / 'experiment.log'
     base = evaluate(sample(args, out / 'baseline', [0.0], base_log)[0], base_log)
-    plan = [(v, s, args.w if v == 'default' else args.ablation_w)
-            for v in args.variants for s in (args.seeds if v == 'default' else args.ablation_seeds)]
+    # variant -> (training seeds, guided w's): the default gets the full sweep, each ablation the cheap setting
+    plan = {v: (args.seeds, args.w) if v == 'default' else (args.ablation_seeds, args.ablation_w) for v in args.variants}
     with ThreadPoolExecutor(args.jobs) as ex:
-        futures = {(v, s): ex.submit(one_run, args, v, s, ws, out) for v, s, ws in plan}
+        futures = {(v, s): ex.submit(one_run, args, v, s, ws, out) for v, (seeds, ws) in plan.items() for s in seeds}
         probe_res = ex.submit(probe, args, out).result() if args.probe_steps else {}
         res = {k: f.result() for k, f in futures.items()}
 
     rows = {'baseline (frozen VAR) w=0': {k: (base[k], 0.0) for k in METRICS if base[k] is not None}}
     rows['baseline (frozen VAR) w=0']['dFID'] = (0.0, 0.0)
     curves = {'w=0': base['S_k']}
-    for v in args.variants:
-        seeds = args.seeds if v == 'default' else args.ablation_seeds
-        for w in (args.w if v == 'default' else args.ablation_w):
+    for v, (seeds, ws) in plan.items():
+        for w in ws:
             per = [res[(v, s)][w] for s in seeds]
             row = {k: mean_std([m[k] for m in per]) for k in METRICS}
             row['dFID'] = mean_std([m['FID'] - base['FID'] for m in per])
