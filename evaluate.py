@@ -9,6 +9,8 @@ Prints the metrics and writes them as JSON beside each sample file (<name>.eval.
   IS              Inception Score, 10 splits of a fixed-seed shuffle of the samples (ADM: no fc bias)
   precision/recall  Kynkäänniemi et al., k = 3, reference subset of 10,000 images (the ADM reference batch size)
   class_acc       tiny preset only: share of samples the feature network classifies as their label
+  dFID bootstrap  --bootstrap B: 95% interval of FID(file) - FID(first file) over B replicates that resample the
+                  same rows in every file (paired), and the share of replicates in which the file has the lower FID
   ISCS            iscs.py: every S_k and FD_k; intermediate images rebuilt from the stored `tokens` through
                   the VQ-VAE, real ones from encoding the reference images; DINO ViT-S/16 CLS features
 Real models (256x256 samples, `preset` d16..d30 in the npz or --depth): FID InceptionV3 (pytorch-fid weights in
@@ -71,6 +73,9 @@ p.add_argument('--is_splits', type=int, default=10)
 p.add_argument('--batch_size', type=int, default=64, help='images per feature-network pass (ADM: 64)')
 p.add_argument('--cache_dir', type=str, default='.cache/evaluate', help='reference feature cache')
 p.add_argument('--json', type=str, default=None, help='also write all results (and differences) to this file')
+p.add_argument('--bootstrap', type=int, default=0,
+               help='paired bootstrap replicates of the FID differences to the first file (0: off); the files must be '
+                    'paired: the same labels, sample.py --seed and --batch_size, so row j of every file is the same draw')
 p.add_argument('--cpu', action='store_true', help='run on CPU even if a GPU is present')
 
 FID_WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
@@ -819,7 +824,8 @@ class Evaluator:
         return [(m, s) for m, s in zip(out['mu'], out['sigma'])], int(out['n'])
 
     # ---- one sample file
-    def evaluate(self, path, smp, ref, ref_fid) -> dict:
+    def evaluate(self, path, smp, ref, ref_fid) -> tuple[dict, np.ndarray]:
+        """(the result dict, the (N, D) FID features of the samples)."""
         a, warnings, skipped = self.args, [], {}
         images, n = smp['images'], len(smp['images'])
         res = dict(samples=str(path), n=n, resolution=int(images.shape[1]), preset=self.preset,
@@ -861,7 +867,7 @@ class Evaluator:
         reason = self.iscs_skip_reason(smp, ref)
         if reason:
             skipped['ISCS'] = reason
-            return res
+            return res, feats
         ref_stats, n_real = self.ref_iscs(ref)
         sub = fixed_subset(n, a.iscs_n)
         tokens = smp['tokens'] if len(sub) == n else smp['tokens'][sub]
@@ -879,7 +885,7 @@ class Evaluator:
         res['iscs'] = dict(out, n_gen=len(sub), n_real=n_real)
         res['features']['iscs'] = ('tiny feature network CLS' if self.preset == 'tiny' else 'DINO ViT-S/16 CLS (384-d)') + \
             ', L2-normalised; images decoded from token prefixes through the VQ-VAE'
-        return res
+        return res, feats
 
     def iscs_skip_reason(self, smp, ref):
         a = self.args
@@ -899,6 +905,44 @@ class Evaluator:
         if ref['images'] is None:
             return 'the reference has no images to encode into real tokens (statistics only)'
         return None
+
+
+def check_paired(samples) -> None:
+    """SystemExit unless every sample file is row-paired with the first (count, labels, seed, batch size)."""
+    (p0, s0), rest = samples[0], samples[1:]
+    for path, smp in rest:
+        why = None
+        if len(smp['images']) != len(s0['images']):
+            why = f'{len(smp["images"])} samples vs {len(s0["images"])}'
+        elif (smp['labels'] is None) != (s0['labels'] is None) or \
+                (smp['labels'] is not None and not np.array_equal(smp['labels'], s0['labels'])):
+            why = 'different labels'
+        elif smp['meta'] and s0['meta']:
+            diff = [k for k in ('seed', 'batch_size') if smp['meta'].get(k) != s0['meta'].get(k)]
+            why = ', '.join(f'{k} {smp["meta"].get(k)} vs {s0["meta"].get(k)}' for k in diff) or None
+        if why:
+            raise SystemExit(f'--bootstrap needs paired sample files (sample.py with the same --seed, --batch_size '
+                             f'and labels); {path} and {p0} differ: {why}')
+
+
+def paired_fid_bootstrap(feats_list, ref_mu, ref_sigma, n_boot: int, seed: int = 0) -> list:
+    """Paired bootstrap of FID(set i) - FID(set 0), i >= 1: every replicate resamples the same rows in every set.
+
+    feats_list: [(N, D)] features of row-paired sample sets; ref_mu (D,), ref_sigma (D, D): the reference.
+    Resampling with replacement inflates each FID, but the same way for every set, so the difference keeps its
+    meaning; the reference is held fixed (the sample noise of a paired comparison, not of the reference).
+    Returns per set i >= 1: dict(ci95=[2.5th, 97.5th percentile], p_lower=share of replicates where set i has the
+    lower FID, n_boot).
+    """
+    rng = np.random.default_rng(seed)
+    n = len(feats_list[0])
+    d_BI = np.empty((n_boot, len(feats_list) - 1))
+    for b in tqdm(range(n_boot), desc='paired bootstrap', dynamic_ncols=True):
+        idx = rng.integers(0, n, n)
+        fids = [iscs.frechet_distance(*iscs.feature_stats(f[idx]), ref_mu, ref_sigma) for f in feats_list]
+        d_BI[b] = np.asarray(fids[1:]) - fids[0]
+    return [dict(ci95=[float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))], p_lower=float(np.mean(d < 0)),
+                 n_boot=n_boot) for d in d_BI.T]
 
 
 # --------------------------------------------------------------------------------------
@@ -972,6 +1016,10 @@ def main(argv=None):
     if len(presets) > 1:
         raise SystemExit('the sample files mix tiny-preset (32x32) and real-model samples; evaluate them separately')
     preset = presets.pop()
+    if args.bootstrap:
+        if len(samples) < 2:
+            raise SystemExit('--bootstrap compares files with the first one: give a baseline and at least one more file')
+        check_paired(samples)
     resolution = TINY_RES if preset == 'tiny' else REAL_RES
     for path, smp in samples:
         if smp['images'].shape[1] != resolution:
@@ -992,16 +1040,26 @@ def main(argv=None):
     print(f'[evaluate] {preset} preset{" (random networks)" if args.random_init else ""}, reference: {ref["desc"]}, '
           f'device {device}')
     ref_fid = ev.ref_fid(ref)
-    results = []
+    results, feats = [], []
     for path, smp in samples:
-        res = ev.evaluate(path, smp, ref, ref_fid)
+        res, f = ev.evaluate(path, smp, ref, ref_fid)
         _write_json(json_path(path), res)
         results.append(res)
+        feats.append(f)
     diffs = print_results(results)
+    out = dict(results=results, differences_to_first=diffs)
+    if args.bootstrap:
+        if 'mu' not in ref_fid:
+            raise SystemExit('--bootstrap needs the reference FID statistics (the reference has none)')
+        out['fid_bootstrap'] = paired_fid_bootstrap(feats, ref_fid['mu'], ref_fid['sigma'], args.bootstrap)
+        for path, bs, d in zip(args.samples[1:], out['fid_bootstrap'], diffs['FID']):
+            print(f'[evaluate] FID({Path(path).name}) - FID({Path(args.samples[0]).name}) = {d:+.3f}, paired bootstrap '
+                  f'95% interval [{bs["ci95"][0]:+.3f}, {bs["ci95"][1]:+.3f}], lower in {100 * bs["p_lower"]:.1f}% of '
+                  f'{bs["n_boot"]} replicates')
     for path, _ in samples:
         print(f'[evaluate] wrote {json_path(path)}')
     if args.json:
-        _write_json(args.json, dict(results=results, differences_to_first=diffs))
+        _write_json(args.json, out)
     return results
 
 

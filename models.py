@@ -1066,11 +1066,17 @@ def SpectralConv1d(*args, **kwargs):
     return spectral_norm(nn.Conv1d(*args, **kwargs), n_power_iterations=1, eps=1e-12)
 
 
+DISC_NORMS = ('bn', 'none')
+
+
 class _ConvBlock(nn.Sequential):
-    def __init__(self, channels, kernel_size):
+    def __init__(self, channels, kernel_size, norm='bn'):
+        if norm not in DISC_NORMS:
+            raise ValueError(f'unknown discriminator norm {norm!r}; choose from {DISC_NORMS}')
         super().__init__(
             SpectralConv1d(channels, channels, kernel_size, padding=kernel_size // 2, padding_mode='circular'),
-            BatchNormLocal(channels),
+            # Identity keeps the Sequential indices, so the conv weights have the same keys either way
+            BatchNormLocal(channels) if norm == 'bn' else nn.Identity(),
             nn.LeakyReLU(0.2),
         )
 
@@ -1089,12 +1095,13 @@ class DiscHead(nn.Module):
 
     cmapper: equalized-lr linear from one-hot(num_classes) written as a table lookup:
     cmap = W[label] / sqrt(num_classes) + b, W ~ N(0, 1), b = 0. num_classes=0 -> unconditional.
+    norm: 'bn' (StyleGAN-T's ghost batch norm) or 'none'.
     """
 
-    def __init__(self, channels, num_classes, cmap_dim=64):
+    def __init__(self, channels, num_classes, cmap_dim=64, norm='bn'):
         super().__init__()
         self.num_classes, self.cmap_dim = num_classes, cmap_dim
-        self.main = nn.Sequential(_ConvBlock(channels, 1), _ResidualBlock(_ConvBlock(channels, 9)))
+        self.main = nn.Sequential(_ConvBlock(channels, 1, norm), _ResidualBlock(_ConvBlock(channels, 9, norm)))
         if num_classes > 0:
             self.cls = SpectralConv1d(channels, cmap_dim, kernel_size=1)
             self.cmap_weight = nn.Parameter(torch.randn(num_classes, cmap_dim))
@@ -1121,11 +1128,14 @@ class ProjectedDiscriminator(nn.Module):
         hook_patch: also tap the block-0 input (patch embedding + position embedding, with CLS).
         cmap_dim: projection dimension. diffaug: apply DiffAugment in every forward (real and fake).
         p_crop: probability of a random backbone-size crop when the input is larger than that.
+        norm: 'bn' (StyleGAN-T's BatchNormLocal in the heads) or 'none'. Ghost batch norm normalises each call
+            (real and fake separately) per group of 8, which removes any shift that all fakes share; on the tiny
+            preset that shift is most of what separates them from the reals (README: D learns with 'none').
     Output of forward: raw logits (B, n_taps * T), T = patch tokens; head order = blocks then patch tap.
     """
 
     def __init__(self, backbone, num_classes, hooks=None, cmap_dim=64, diffaug=True, p_crop=0.5,
-                 hook_patch=True):
+                 hook_patch=True, norm='bn'):
         super().__init__()
         if not getattr(backbone, 'has_class_token', False):
             raise ValueError('ProjectedDiscriminator needs a ViT with a CLS token (the readout adds it to every token)')
@@ -1142,7 +1152,7 @@ class ProjectedDiscriminator(nn.Module):
         self.img_size = (int(size[0]), int(size[1]))
         self.num_tokens = int(np.prod(backbone.patch_embed.grid_size))
         n_taps = len(hooks) + int(hook_patch)
-        self.heads = nn.ModuleList([DiscHead(backbone.embed_dim, num_classes, cmap_dim) for _ in range(n_taps)])
+        self.heads = nn.ModuleList([DiscHead(backbone.embed_dim, num_classes, cmap_dim, norm) for _ in range(n_taps)])
 
     def train(self, mode=True):
         super().train(mode)

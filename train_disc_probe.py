@@ -32,6 +32,8 @@ p.add_argument('--space', choices=['rgb', 'latent'], default='rgb')
 p.add_argument('--steps', type=int, default=200)
 p.add_argument('--batch_size', type=int, default=16)
 p.add_argument('--lr_d', type=float, default=2e-3)
+p.add_argument('--disc_norm', choices=list(models.DISC_NORMS), default='bn', help="D heads' norm (as train_injector.py)")
+p.add_argument('--disc_aug', choices=['diffaug', 'none'], default='diffaug', help='DiffAugment in D (as train_injector.py)')
 p.add_argument('--cfg', type=float, default=1.5)
 p.add_argument('--top_k', type=int, default=None, help='default: 900 for real models, 0 for tiny')
 p.add_argument('--top_p', type=float, default=None, help='default: 0.96 for real models, 0 for tiny')
@@ -43,10 +45,10 @@ p.add_argument('--n_tiny', type=int, default=20000)
 class LatentDiscriminator(nn.Module):
     """Class-conditional spectral-norm heads on f_hat (B, Cvae, h, w) seen as a token sequence: (B, h*w) logits."""
 
-    def __init__(self, Cvae, num_classes, channels=256):
+    def __init__(self, Cvae, num_classes, channels=256, norm='bn'):
         super().__init__()
         self.proj = models.SpectralConv1d(Cvae, channels, kernel_size=1)
-        self.head = models.DiscHead(channels, num_classes)
+        self.head = models.DiscHead(channels, num_classes, norm=norm)
 
     def forward(self, f_hat_BChw, labels_B):
         return self.head(self.proj(f_hat_BChw.flatten(2)), labels_B)
@@ -98,10 +100,11 @@ def main(argv=None):
             backbone = models.build_featnet() if not real_model else models.build_backbone_dino(pretrained=False)
         else:
             backbone = models.load_featnet() if not real_model else models.build_backbone_dino(ckpt=args.dino_ckpt)
-        D = models.ProjectedDiscriminator(backbone, num_classes=var.num_classes).to(device)
+        D = models.ProjectedDiscriminator(backbone, num_classes=var.num_classes, norm=args.disc_norm,
+                                          diffaug=args.disc_aug == 'diffaug').to(device)
         params = list(D.head_parameters())
     else:
-        D = LatentDiscriminator(var.Cvae, var.num_classes).to(device)
+        D = LatentDiscriminator(var.Cvae, var.num_classes, norm=args.disc_norm).to(device)
         params = list(D.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr_d, betas=(0.9, 0.999), weight_decay=1e-5)
     SN, B = len(var.patch_nums), args.batch_size
@@ -143,7 +146,7 @@ def main(argv=None):
         w.writerows(rows)
     plot_curves(rows, SN, out_dir / f'probe_{args.space}.png')
     heads = D.heads_state_dict() if args.space == 'rgb' else D.state_dict()
-    models.atomic_save({'disc_heads': heads, 'meta': dict(space=args.space, depth=args.depth, steps=step)},
+    models.atomic_save({'disc_heads': heads, 'meta': dict(space=args.space, depth=args.depth, steps=step, norm=args.disc_norm)},
                        out_dir / f'disc_heads_{args.space}.pt')
     tail = rows[-SN * min(20, step):]
     print(f'[D probe] {args.space}: mean accuracy over the last {min(20, step)} steps, per scale:')

@@ -41,6 +41,8 @@ p.add_argument('--context', choices=['teacher', 'rollout'], default='teacher')
 p.add_argument('--decode', choices=list(soft_decode.MODES), default='soft')
 p.add_argument('--tau', type=float, default=1.0, help='softmax / Gumbel temperature of the relaxed decode')
 p.add_argument('--disc_scales', choices=['random', 'all'], default='random')
+p.add_argument('--disc_norm', choices=list(models.DISC_NORMS), default='bn', help="D heads' norm (none: see README, tiny preset)")
+p.add_argument('--disc_aug', choices=['diffaug', 'none'], default='diffaug', help='DiffAugment on real and fake images in D')
 p.add_argument('--broadcast', action='store_true', help='ablation: one guidance vector per scale, not a map')
 p.add_argument('--lambda_rec', type=float, default=0.01, help='weight of the token cross-entropy (eq. 7)')
 p.add_argument('--w_train', type=float, default=None, help='guidance weight during training')
@@ -99,12 +101,17 @@ def build_everything(args, device):
         vae, var = models.load_vae_var(args.depth, args.ckpt_dir, device)
         backbone = models.load_featnet() if args.depth is None else models.build_backbone_dino(ckpt=args.dino_ckpt)
     torch.manual_seed(args.seed)  # the fresh heads and injector are the same on every rank
-    D = models.ProjectedDiscriminator(backbone, num_classes=var.num_classes).to(device)
+    D = models.ProjectedDiscriminator(backbone, num_classes=var.num_classes, norm=args.disc_norm,
+                                      diffaug=args.disc_aug == 'diffaug').to(device)
     if args.disc_ckpt:
         ck = torch.load(args.disc_ckpt, map_location='cpu', weights_only=True)
-        if ck.get('meta', {}).get('space', 'rgb') != 'rgb':
+        meta = ck.get('meta', {})
+        if meta.get('space', 'rgb') != 'rgb':
             raise SystemExit(f'--disc_ckpt {args.disc_ckpt} holds latent-space heads (train_disc_probe.py --space latent); '
                              f'AID-VAR needs the RGB projected discriminator (--space rgb).')
+        if meta.get('norm', 'bn') != args.disc_norm:
+            raise SystemExit(f'--disc_ckpt {args.disc_ckpt} holds heads with --disc_norm {meta.get("norm", "bn")}; '
+                             f'this run uses --disc_norm {args.disc_norm}.')
         D.load_heads_state_dict(ck['disc_heads'])
     G = models.GuidanceInjector(var.C, var.patch_nums, broadcast=args.broadcast).to(device)
     return vae, var, D, G
@@ -305,7 +312,7 @@ def main(argv=None):
     resume = ckpt_path if args.resume == 'auto' and ckpt_path.is_file() else (args.resume if args.resume != 'auto' else None)
     if resume:
         ck = torch.load(resume, map_location='cpu', weights_only=False)
-        for k in ('depth', 'inject', 'context', 'decode', 'broadcast', 'global_batch_size', 'seed'):
+        for k in ('depth', 'inject', 'context', 'decode', 'broadcast', 'global_batch_size', 'seed', 'disc_norm'):
             if ck['args'].get(k) != getattr(args, k):
                 raise SystemExit(f'--resume {resume}: it was trained with --{k} {ck["args"].get(k)}, now --{k} {getattr(args, k)}.')
         G.load_state_dict(ck['injector'])

@@ -10,7 +10,8 @@
 3. D on RGB vs latent: train_disc_probe.py --space rgb|latent, final per-scale accuracies.
 Independent runs go --jobs at a time (one thread each: 2 cores -> 2 jobs). The evaluation seed
 (--sample_seed) is never used for training or tuning; the reference shapes are seed 1000.
-Writes benchmarks/results/tiny_experiment.{json,md}: mean ± std over training seeds, the paired FID change,
+Writes benchmarks/results/tiny_experiment.{json,md}: mean ± std over training seeds, the paired FID change (and,
+per run, its paired-bootstrap 95% interval: evaluate.py --bootstrap),
 and the per-scale ISCS curve. A finished run's files are reused, so an interrupted experiment resumes.
 
     python benchmarks/tiny_experiment.py                                      # the README table (~1.5 h on 2 cores)
@@ -48,6 +49,7 @@ p.add_argument('--sample_seed', type=int, default=1234, help='evaluation seed: n
 p.add_argument('--steps', type=int, default=None, help='training steps (default: train_injector.py default)')
 p.add_argument('--train_args', type=str, default='', help='extra train_injector.py flags for every run')
 p.add_argument('--probe_steps', type=int, default=100, help='train_disc_probe.py steps (0 skips the RGB/latent probe)')
+p.add_argument('--bootstrap', type=int, default=1000, help="paired-bootstrap replicates of every run's FID change (0: off)")
 p.add_argument('--jobs', type=int, default=2, help='runs in parallel (one thread each)')
 p.add_argument('--out_dir', type=str, default='runs/tiny_experiment')
 p.add_argument('--results', type=str, default=str(REPO / 'benchmarks' / 'results'))
@@ -120,6 +122,26 @@ def probe(args, out):
     return res
 
 
+def bootstrap(args, out, base_npz, runs):
+    """Paired-bootstrap 95% interval of each run's FID change: one evaluate.py --bootstrap call over the baseline and
+    every run (runs: {name: npz}). Returns {name: dict(ci95=[lo, hi], p_lower=share of replicates below the baseline)}."""
+    d = out / 'bootstrap'
+    d.mkdir(parents=True, exist_ok=True)
+    links = []
+    for name, npz in {'baseline': base_npz, **runs}.items():
+        link = d / f'{name}.npz'  # evaluate.py writes its per-file json beside the link, not over the run's own
+        if not link.is_symlink():
+            link.symlink_to(npz)
+        links.append(link)
+    js = d / f'bootstrap{args.bootstrap}.json'
+    cached = json.loads(js.read_text()) if js.is_file() else None
+    if cached is None or [Path(r['samples']).name for r in cached['results']] != [x.name for x in links]:
+        run(['evaluate.py', *map(str, links), '--no_iscs', '--bootstrap', str(args.bootstrap), '--json', str(js)],
+            d / 'experiment.log')
+        cached = json.loads(js.read_text())
+    return dict(zip(runs, cached['fid_bootstrap']))
+
+
 def mean_std(vals):
     vals = [v for v in vals if v is not None]
     return (statistics.mean(vals), statistics.pstdev(vals)) if vals else None
@@ -153,8 +175,11 @@ def main():
             rows[f'{v} w={w:g}'] = {k: x for k, x in row.items() if x is not None}
             if v == 'default':
                 curves[f'w={w:g}'] = [statistics.mean(c) for c in zip(*[m['S_k'] for m in per])] if per[0]['S_k'] else None
+    npz = {f'{v}_s{s}_w{w:g}': out / f'{v}_s{s}' / 'samples' / f'samples_w{w:g}.npz'
+           for v, (seeds, ws) in plan.items() for s in seeds for w in ws}
+    boot = bootstrap(args, out, out / 'baseline' / 'samples_w0.npz', npz) if args.bootstrap else {}
     (results / 'tiny_experiment.json').write_text(json.dumps(dict(
-        args=vars(args), rows=rows, iscs_S_k=curves, probe_acc_per_scale=probe_res,
+        args=vars(args), rows=rows, iscs_S_k=curves, probe_acc_per_scale=probe_res, fid_bootstrap=boot,
         raw={f'{v}_s{s}': {f'{w:g}': m for w, m in r.items()} for (v, s), r in res.items()}, baseline=base), indent=1))
 
     n = args.n_per_class * 10
@@ -169,6 +194,17 @@ def main():
             return f.format(r[k][0]) + (' ± ' + f.replace('+', '').format(r[k][1]) if r.get('n_seeds', 1) > 1 else '')
         lines.append(f'| {name} | {r.get("n_seeds", "-")} | {cell("FID", "{:.2f}")} | {cell("dFID", "{:+.2f}")} | '
                      f'{cell("IS")} | {cell("precision")} | {cell("recall")} | {cell("class_acc")} | {cell("ISCS")} |')
+    if boot:
+        lines += ['', f'Each run alone: its FID change with the 95% interval of a paired bootstrap ({args.bootstrap} '
+                      f'replicates resampling the same rows of the baseline and the run; the reference held fixed) and the '
+                      f'share of replicates in which the run beats the baseline:', '',
+                  '| run | seed | dFID | 95% interval | P(lower) |', '|' + ' --- |' * 5]
+        for v, (seeds, ws) in plan.items():
+            for w in ws:
+                for s in seeds:
+                    b = boot[f'{v}_s{s}_w{w:g}']
+                    lines.append(f'| {v} w={w:g} | {s} | {res[(v, s)][w]["FID"] - base["FID"]:+.2f} | '
+                                 f'[{b["ci95"][0]:+.2f}, {b["ci95"][1]:+.2f}] | {b["p_lower"]:.3f} |')
     if any(c for c in curves.values()):
         K = len(next(c for c in curves.values() if c))
         lines += ['', 'ISCS per transition (S_k = 1 / FD_k, higher = more consistent), default variant, mean over seeds:', '',

@@ -182,6 +182,26 @@ def test_batchnorm_local_groups_are_independent():
         BatchNormLocal(4)(torch.randn(11, 4, 5))  # 11 does not split into 2 equal groups
 
 
+def test_disc_without_norm_scores_each_image_alone():
+    # norm 'none' (the tiny preset): a sample's logits do not depend on the rest of its batch
+    D = ProjectedDiscriminator(_tiny_vit(), num_classes=10, diffaug=False, norm='none').eval()
+    assert not any(isinstance(m, BatchNormLocal) for m in D.modules())
+    x, y = torch.rand(8, 3, 32, 32) * 2 - 1, torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        a = D(x, y)
+        x2 = x.clone()
+        x2[0] = -x2[0]
+        b = D(x2, y)
+        single = D(x[3:4], y[3:4])
+    assert not torch.allclose(a[0], b[0]) and torch.equal(a[1:], b[1:])
+    assert torch.allclose(a[3:4], single, atol=1e-5)
+    # the conv weights keep their keys, so the only difference between the two state dicts is the norms'
+    bn_keys = set(ProjectedDiscriminator(_tiny_vit(), num_classes=10).heads_state_dict())
+    assert set(D.heads_state_dict()) < bn_keys
+    with pytest.raises(ValueError, match='unknown discriminator norm'):
+        ProjectedDiscriminator(_tiny_vit(), num_classes=10, norm='layer')
+
+
 def test_disc_heads_state_dict_roundtrip():
     D1 = ProjectedDiscriminator(_tiny_vit(), num_classes=10, diffaug=False).eval()
     torch.manual_seed(5)

@@ -95,9 +95,11 @@ def test_round_trip_through_evaluate(paired, tmp_path, capsys):
     base, guided = out / 'samples_w0.npz', out / 'samples_w0.5.npz'
     common = ['--random_init', '--cpu', '--ref_n', '16', '--cache_dir', str(tmp_path / 'cache')]
     # 1) baseline vs guided side by side (ISCS off here: its sqrtm's are the slow part, run once below)
-    results = evaluate.main([str(base), str(guided), '--no_iscs', '--json', str(tmp_path / 'both.json')] + common)
+    results = evaluate.main([str(base), str(guided), '--no_iscs', '--json', str(tmp_path / 'both.json'),
+                             '--bootstrap', '20'] + common)
     text = capsys.readouterr().out
     assert 'samples_w0.5.npz - samples_w0.npz' in text  # side by side with differences
+    assert 'FID(samples_w0.5.npz) - FID(samples_w0.npz) = ' in text and 'of 20 replicates' in text
     for res, path in zip(results, (base, guided)):
         on_disk = json.loads(evaluate.json_path(path).read_text())
         assert on_disk['samples'] == str(path) and on_disk['sampling']['w'] in (0.0, 0.5)
@@ -109,6 +111,14 @@ def test_round_trip_through_evaluate(paired, tmp_path, capsys):
     both = json.loads((tmp_path / 'both.json').read_text())
     assert np.isclose(both['differences_to_first']['FID'][0],
                       results[1]['metrics']['FID'] - results[0]['metrics']['FID'])
+    (bs,) = both['fid_bootstrap']
+    assert bs['n_boot'] == 20 and bs['ci95'][0] <= bs['ci95'][1] and 0 <= bs['p_lower'] <= 1
+    # rows that are not the same draws cannot be bootstrapped in pairs: refused before any work
+    shuffled = tmp_path / 'shuffled.npz'
+    with np.load(guided) as f:
+        np.savez(shuffled, arr_0=f['arr_0'][::-1], labels=f['labels'][::-1])
+    with pytest.raises(SystemExit, match='needs paired sample files.*different labels'):
+        evaluate.main([str(base), str(shuffled), '--bootstrap', '5'] + common)
 
     # 2) ISCS from the stored tokens; a file without tokens gets the other metrics and the reason
     no_tok = tmp_path / 'no_tokens.npz'

@@ -155,6 +155,8 @@ def test_disc_probe_logs_every_scale_and_saves_heads(tmp_path, space):
     if space == 'rgb':  # usable as train_injector.py --disc_ckpt
         out = ti.main(FAST + ['--max_steps', '1', '--disc_ckpt', str(heads), '--out_dir', str(tmp_path / 'inj'), '--r1_gamma', '0'])
         assert out['G'] is not None
+        with pytest.raises(SystemExit, match='holds heads with --disc_norm bn'):  # heads without norms differ
+            ti.main(FAST + ['--max_steps', '1', '--disc_ckpt', str(heads), '--disc_norm', 'none', '--out_dir', str(tmp_path / 'inj2')])
     else:
         with pytest.raises(SystemExit, match='latent-space heads'):
             ti.main(FAST + ['--max_steps', '1', '--disc_ckpt', str(heads), '--out_dir', str(tmp_path / 'inj')])
