@@ -183,7 +183,7 @@ def test_batchnorm_local_groups_are_independent():
 
 
 def test_disc_without_norm_scores_each_image_alone():
-    # norm 'none' (the tiny preset): a sample's logits do not depend on the rest of its batch
+    # norm 'none' (--disc_norm none): a sample's logits do not depend on the rest of its batch
     D = ProjectedDiscriminator(_tiny_vit(), num_classes=10, diffaug=False, norm='none').eval()
     assert not any(isinstance(m, BatchNormLocal) for m in D.modules())
     x, y = torch.rand(8, 3, 32, 32) * 2 - 1, torch.randint(0, 10, (8,))
