@@ -1040,6 +1040,8 @@ def main(argv=None):
     print(f'[evaluate] {preset} preset{" (random networks)" if args.random_init else ""}, reference: {ref["desc"]}, '
           f'device {device}')
     ref_fid = ev.ref_fid(ref)
+    if args.bootstrap and 'mu' not in ref_fid:
+        raise SystemExit('--bootstrap needs the reference FID statistics (the reference has none)')
     results, feats = [], []
     for path, smp in samples:
         res, f = ev.evaluate(path, smp, ref, ref_fid)
@@ -1049,8 +1051,6 @@ def main(argv=None):
     diffs = print_results(results)
     out = dict(results=results, differences_to_first=diffs)
     if args.bootstrap:
-        if 'mu' not in ref_fid:
-            raise SystemExit('--bootstrap needs the reference FID statistics (the reference has none)')
         out['fid_bootstrap'] = paired_fid_bootstrap(feats, ref_fid['mu'], ref_fid['sigma'], args.bootstrap)
         for path, bs, d in zip(args.samples[1:], out['fid_bootstrap'], diffs['FID']):
             print(f'[evaluate] FID({Path(path).name}) - FID({Path(args.samples[0]).name}) = {d:+.3f}, paired bootstrap '

@@ -3,7 +3,7 @@
 Per-scale probability maps (B, pn_k^2, V) become code maps `probs @ codebook`, which are accumulated into
 f_hat exactly as the VQ-VAE does (bicubic upsampling + the shared Phi convolutions) and decoded to RGB.
 One-hot maps give bit-for-bit the hard decode `VQVAE.idxBl_to_img`, so real images (ground-truth tokens)
-and generated ones (soft probabilities) go through the same function. Gradients flow from the image back
+and generated ones (soft probabilities) go through the same function (`disc_images` builds both for D). Gradients flow from the image back
 to the probabilities: the VQ-VAE's weights are frozen, but nothing here runs under `no_grad`.
 
 Relaxations (`relax`):
@@ -61,3 +61,25 @@ def decode_mixed(vae, idx_prefix: List[torch.Tensor], probs_BlV: torch.Tensor) -
     """Hard prefix tokens (scales 0..k-1) plus probabilities for scale k -> the cumulative image of 0..k."""
     dtype = probs_BlV.dtype
     return decode_probs(vae, [one_hot(i, vae.vocab_size, dtype) for i in idx_prefix] + [probs_BlV], last_one=True)
+
+
+def disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, decode, tau):
+    """AID-VAR's discriminator inputs: fake (prefix one-hot + relaxed scale k, differentiable) and real (ground
+    truth) cumulative images of scales 0..k.
+
+    logits_BLV: guided logits of every scale; ctx_idx / gt_idx: per-scale context / ground-truth tokens (B, pn^2).
+    scales: (B,) scale index k >= 1 per sample ('random') or None for every k >= 1 for every sample ('all').
+    Returns fake (N,3,H,W), real (N,3,H,W), labels (N,), grouped by k.
+    """
+    vae, B, SN = var.vae, labels_B.shape[0], len(var.patch_nums)
+    groups = [(k, torch.arange(B, device=labels_B.device)) for k in range(1, SN)] if scales is None else \
+        [(k, (scales == k).nonzero().squeeze(1)) for k in range(1, SN) if (scales == k).any()]
+    fakes, reals, labs = [], [], []
+    for k, sel in groups:
+        bg, ed = var.begin_ends[k]
+        probs = relax(logits_BLV[sel, bg:ed], decode, tau)
+        fakes.append(decode_mixed(vae, [c[sel] for c in ctx_idx[:k]], probs))
+        with torch.no_grad():
+            reals.append(vae.idxBl_to_img([g[sel] for g in gt_idx[:k + 1]], last_one=True))
+        labs.append(labels_B[sel])
+    return torch.cat(fakes), torch.cat(reals), torch.cat(labs)

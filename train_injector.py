@@ -147,26 +147,6 @@ def guided_logits(var, G, labels_B, ctx_idx, w, inject):
     return var.get_logits(h_BLC, cond_BD), g_BLC
 
 
-def disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, decode, tau):
-    """Fake (prefix one-hot + relaxed scale k, differentiable) and real (ground truth) cumulative images.
-
-    scales: (B,) scale index k >= 1 per sample ('random') or None for every k >= 1 for every sample ('all').
-    Returns fake (N,3,H,W), real (N,3,H,W), labels (N,), grouped by k.
-    """
-    vae, B, SN = var.vae, labels_B.shape[0], len(var.patch_nums)
-    groups = [(k, torch.arange(B, device=labels_B.device)) for k in range(1, SN)] if scales is None else \
-        [(k, (scales == k).nonzero().squeeze(1)) for k in range(1, SN) if (scales == k).any()]
-    fakes, reals, labs = [], [], []
-    for k, sel in groups:
-        bg, ed = var.begin_ends[k]
-        probs = soft_decode.relax(logits_BLV[sel, bg:ed], decode, tau)
-        fakes.append(soft_decode.decode_mixed(vae, [c[sel] for c in ctx_idx[:k]], probs))
-        with torch.no_grad():
-            reals.append(vae.idxBl_to_img([g[sel] for g in gt_idx[:k + 1]], last_one=True))
-        labs.append(labels_B[sel])
-    return torch.cat(fakes), torch.cat(reals), torch.cat(labs)
-
-
 def sync_grads(params, world):
     """Average gradients over ranks (one flat all-reduce)."""
     if world == 1:
@@ -234,7 +214,7 @@ def train_step(step, img_B3HW, labels_B, vae, var, D, G, opt_d, opt_g, args, acc
             ctx_idx = gt_idx
         logits_BLV, g_BLC = guided_logits(var, G, labels_B, ctx_idx, args.w_train, args.inject)
         scales = None if args.disc_scales == 'all' else torch.randint(1, SN, (per_device,), device=device)
-        fake, real, labs = disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, args.decode, args.tau)
+        fake, real, labs = soft_decode.disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, args.decode, args.tau)
 
         # --- D step on real vs the current fakes
         D.requires_grad_(True)

@@ -40,7 +40,11 @@ p.add_argument('--out', type=str, default=str(REPO / 'benchmarks' / 'results' / 
 
 @torch.no_grad()
 def make_pairs(vae, var, n, seed):
-    """n training shapes -> real, soft fake, hard fake (n, 3, 32, 32) in [-1, 1], labels (n,), scale k (n,)."""
+    """n training shapes -> real, soft fake, hard fake (n, 3, 32, 32) in [-1, 1], labels (n,), scale k (n,).
+
+    Built by train_injector.py's own soft_decode.disc_images; the hard fakes take tokens sampled from the VAR's
+    scale-k distribution, fed as one-hot logits through the 'st' relaxation (whose forward value is the one-hot).
+    """
     ds = models.build_train_data(None, n_tiny=n)
     g = torch.Generator().manual_seed(seed)
     out = {key: [] for key in ('real', 'soft', 'hard', 'label', 'k')}
@@ -48,19 +52,14 @@ def make_pairs(vae, var, n, seed):
         img, lab = models.to_signed(ds.images_NHW3[i:i + 100]), ds.labels[i:i + 100]
         gt = vae.img_to_idxBl(img)
         h, cond = var.forward_hidden(lab, vae.quantize.idxBl_to_var_input(gt))
-        logits = var.get_logits(h, cond)
+        logits_BLV = var.get_logits(h, cond)
         ks = torch.randint(1, len(var.patch_nums), (len(lab),), generator=g)
-        for k in ks.unique().tolist():
-            sel = (ks == k).nonzero().squeeze(1)
-            bg, ed = var.begin_ends[k]
-            probs = soft_decode.relax(logits[sel, bg:ed], 'soft', 1.0)
-            prefix = [c[sel] for c in gt[:k]]
-            sampled = torch.multinomial(probs.flatten(0, 1), 1, generator=g).view(probs.shape[:2])
-            out['soft'].append(soft_decode.decode_mixed(vae, prefix, probs))
-            out['hard'].append(vae.idxBl_to_img(prefix + [sampled], last_one=True))
-            out['real'].append(vae.idxBl_to_img(prefix + [gt[k][sel]], last_one=True))
-            out['label'].append(lab[sel])
-            out['k'].append(ks[sel])
+        sampled_BL = torch.multinomial(logits_BLV.softmax(-1).flatten(0, 1), 1, generator=g).view(logits_BLV.shape[:2])
+        soft, real, labels = soft_decode.disc_images(var, logits_BLV, gt, gt, lab, ks, 'soft', 1.0)
+        hard = soft_decode.disc_images(var, soft_decode.one_hot(sampled_BL, var.V), gt, gt, lab, ks, 'st', 1.0)[0]
+        for key, v in (('real', real), ('soft', soft), ('hard', hard), ('label', labels),
+                       ('k', ks.sort(stable=True).values)):  # disc_images groups the samples by k
+            out[key].append(v)
     return {key: torch.cat(v) for key, v in out.items()}
 
 

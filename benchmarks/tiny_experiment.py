@@ -81,13 +81,18 @@ def flat(result):
     return out
 
 
+def samples_npz(out_dir, w):
+    """The file sample.py writes for guidance weight w."""
+    return out_dir / f'samples_w{w:g}.npz'
+
+
 def sample(args, out_dir, ws, log, injector=None):
-    missing = [w for w in ws if not (out_dir / f'samples_w{w:g}.npz').is_file()]
+    missing = [w for w in ws if not samples_npz(out_dir, w).is_file()]
     if missing:
         inj = ['--injector', str(injector)] if injector else []
         run(['sample.py', *inj, '--w', *map(str, missing), '--num_per_class', str(args.n_per_class),
              '--seed', str(args.sample_seed), '--out_dir', str(out_dir)], log)
-    return [out_dir / f'samples_w{w:g}.npz' for w in ws]
+    return [samples_npz(out_dir, w) for w in ws]
 
 
 def one_run(args, variant, seed, ws, out):
@@ -175,9 +180,9 @@ def main():
             rows[f'{v} w={w:g}'] = {k: x for k, x in row.items() if x is not None}
             if v == 'default':
                 curves[f'w={w:g}'] = [statistics.mean(c) for c in zip(*[m['S_k'] for m in per])] if per[0]['S_k'] else None
-    npz = {f'{v}_s{s}_w{w:g}': out / f'{v}_s{s}' / 'samples' / f'samples_w{w:g}.npz'
+    npz = {f'{v}_s{s}_w{w:g}': samples_npz(out / f'{v}_s{s}' / 'samples', w)
            for v, (seeds, ws) in plan.items() for s in seeds for w in ws}
-    boot = bootstrap(args, out, out / 'baseline' / 'samples_w0.npz', npz) if args.bootstrap else {}
+    boot = bootstrap(args, out, samples_npz(out / 'baseline', 0.0), npz) if args.bootstrap else {}
     (results / 'tiny_experiment.json').write_text(json.dumps(dict(
         args=vars(args), rows=rows, iscs_S_k=curves, probe_acc_per_scale=probe_res, fid_bootstrap=boot,
         raw={f'{v}_s{s}': {f'{w:g}': m for w, m in r.items()} for (v, s), r in res.items()}, baseline=base), indent=1))

@@ -47,7 +47,7 @@ def test_adversarial_loss_alone_trains_the_injector(parts, inject, decode):
     G.load_state_dict(G0.state_dict())
     torch.manual_seed(1)
     logits, _ = ti.guided_logits(var, G, labels, idx, w=0.5, inject=inject)
-    fake, real, labs = ti.disc_images(var, logits, idx, idx, labels, torch.randint(1, len(var.patch_nums), (8,)), decode, 1.0)
+    fake, real, labs = soft_decode.disc_images(var, logits, idx, idx, labels, torch.randint(1, len(var.patch_nums), (8,)), decode, 1.0)
     D.requires_grad_(False)
     loss_adv = -D(fake, labs).mean()
     loss_adv.backward()
