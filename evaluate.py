@@ -21,12 +21,16 @@ stands in for Inception and DINO, the shipped tiny VQ-VAE decodes the tokens. Re
 Library section (below the argument parser): the FID InceptionV3 (pytorch-fid port of TF
 inception-2015-12-05), its uint8 preprocessing, batched feature extraction, Inception Score and the
 Kynkäänniemi et al. (2019) improved precision / recall. The Fréchet distance and ISCS live in iscs.py.
-Definitions and reference numbers: shared/fixtures/README_fid_metrics.md; ADM evaluator conventions:
+Definitions and reference numbers: tests/fixtures/README_fid_metrics.md; ADM evaluator conventions:
 DISC_SPEC.md §8.
 
-Input pipeline = pytorch-fid (bilinear resize to 299 in PyTorch), not the ADM/TF graph's legacy resize;
-numbers are therefore close to, not identical with, the ADM evaluator's (run it on the same npz for
-paper-exact numbers). IS and precision / recall follow the ADM conventions (logits without fc bias, k = 3).
+Input pipeline = the ADM evaluator's: its TF graph resizes the 0..255 images to 299 with TF1's legacy
+ResizeBilinear and normalises (v - 128) / 128; we use torch-fidelity's bit-exact port of that resize, so our
+Inception features equal torch-fidelity's FeatureExtractorInceptionV3 on the same weights (tested), not
+pytorch-fid's F.interpolate approximation (which moves feat64 by ~5e-5 on the test images). The network is the
+same TF graph ported to PyTorch; what remains between these numbers and the TF evaluator's is float round-off
+of two frameworks (run OpenAI's evaluator on the same npz for paper-exact numbers). IS and precision / recall
+follow the ADM conventions (logits without fc bias, k = 3).
 """
 from __future__ import annotations
 
@@ -46,7 +50,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.inception import (BasicConv2d, Inception3, InceptionA, InceptionAux, InceptionB,
                                           InceptionC, InceptionD, InceptionE)
-from tqdm import tqdm
 
 import iscs
 import models
@@ -63,13 +66,13 @@ p.add_argument('--ckpt_dir', type=str, default='checkpoints', help='VQ-VAE and F
 p.add_argument('--dino_ckpt', type=str, default=None, help='local DINO ViT-S/16 weights (else the HF hub cache)')
 p.add_argument('--random_init', action='store_true',
                help='random feature networks and the random VQ-VAE of sample.py --random_init (tests only)')
-p.add_argument('--no_iscs', action='store_true')
+p.add_argument('--no_iscs', action='store_true', help='skip ISCS (it decodes every token prefix: the slow part)')
 p.add_argument('--iscs_n', type=int, default=None,
                help='use at most this many samples and reference images for ISCS (fixed-seed subsets); default: all '
                     '(real models), 1000 (tiny preset: 6 VQ-VAE decodes + 6 feature passes per image on a CPU)')
 p.add_argument('--pr_ref_n', type=int, default=10000,
                help='reference subset for precision / recall (ADM: the 10,000 images of its reference batch)')
-p.add_argument('--is_splits', type=int, default=10)
+p.add_argument('--is_splits', type=int, default=10, help='Inception Score splits (ADM: 10 of 5,000)')
 p.add_argument('--batch_size', type=int, default=64, help='images per feature-network pass (ADM: 64)')
 p.add_argument('--cache_dir', type=str, default='.cache/evaluate', help='reference feature cache')
 p.add_argument('--json', type=str, default=None, help='also write all results (and differences) to this file')
@@ -212,17 +215,27 @@ class FIDInceptionV3(Inception3):
 # Preprocessing, weights, features
 # --------------------------------------------------------------------------------------
 
-def preprocess_uint8(images_NHWC, dtype: torch.dtype = torch.float32, device='cpu') -> torch.Tensor:
-    """pytorch-fid input pipeline for uint8 images.
+PIPELINES = ('adm', 'pytorch-fid')
+
+
+def preprocess_uint8(images_NHWC, dtype: torch.dtype = torch.float32, device='cpu', pipeline: str = 'adm') -> torch.Tensor:
+    """The FID Inception's input from uint8 images.
 
     Args:
         images_NHWC: uint8 (N, H, W, 3) numpy array (memmap fine) or tensor, values 0..255.
         dtype: float dtype of the result (float64 for the parity test).
         device: where the resize runs; the uint8 batch is moved first (4x less traffic).
+        pipeline: 'adm' (default, what evaluate.py uses): the ADM evaluator's TF graph, i.e. the 0..255 values
+            resized to 299 with TF1's legacy ResizeBilinear (source = dest * in / out, no half-pixel centres;
+            torch-fidelity's interpolate_bilinear_2d_like_tensorflow1x, bit-exact on CPU), then (v - 128) / 128,
+            exactly as torch-fidelity's FeatureExtractorInceptionV3 feeds the same network.
+            'pytorch-fid': /255 (as ToTensor), F.interpolate bilinear with align_corners=False and
+            antialias=False, then 2x - 1 (pytorch-fid's approximation; the parity fixture was made with it).
     Returns:
-        x_N3HW: (N, 3, 299, 299) in [-1, 1]: /255 (as ToTensor), bilinear resize with
-        align_corners=False and antialias=False, then 2x - 1.
+        x_N3HW: (N, 3, 299, 299) in [-1, 1].
     """
+    if pipeline not in PIPELINES:
+        raise ValueError(f'pipeline must be one of {PIPELINES}, got {pipeline!r}')
     if isinstance(images_NHWC, np.ndarray):
         # 'W': a read-only memmap slice is copied (torch warns on non-writable arrays)
         images_NHWC = torch.from_numpy(np.require(images_NHWC, requirements=['C', 'W']))
@@ -232,8 +245,13 @@ def preprocess_uint8(images_NHWC, dtype: torch.dtype = torch.float32, device='cp
     if images_NHWC.ndim != 4 or images_NHWC.shape[-1] != 3:
         raise ValueError(f'preprocess_uint8 expects NHWC images with 3 channels, got {tuple(images_NHWC.shape)}')
     # contiguous: match ToTensor's NCHW layout so the resize runs the same kernel.
-    x_N3HW = images_NHWC.to(device).permute(0, 3, 1, 2).contiguous().to(dtype).div(255)
-    x_N3HW = F.interpolate(x_N3HW, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode='bilinear',
+    x_N3HW = images_NHWC.to(device).permute(0, 3, 1, 2).contiguous().to(dtype)
+    if pipeline == 'adm':  # the same operations, in the same order, as torch-fidelity's InceptionV3 extractor
+        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+        x_N3HW = interpolate_bilinear_2d_like_tensorflow1x(x_N3HW, size=(INCEPTION_SIZE, INCEPTION_SIZE),
+                                                           align_corners=False)
+        return (x_N3HW - 128) / 128
+    x_N3HW = F.interpolate(x_N3HW.div(255), size=(INCEPTION_SIZE, INCEPTION_SIZE), mode='bilinear',
                            align_corners=False, antialias=False)
     return 2 * x_N3HW - 1
 
@@ -314,8 +332,9 @@ def load_fid_inception(ckpt_dir='checkpoints', device='cpu') -> FIDInceptionV3:
 
 
 def inception_features(images_NHWC_uint8, model: FIDInceptionV3, batch_size: int = 64, device='cpu',
-                       progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """pool3 features and IS logits of uint8 images, batched under no_grad.
+                       progress: bool = True, pipeline: str = 'adm') -> tuple[np.ndarray, np.ndarray]:
+    """pool3 features and IS logits of uint8 images, batched under no_grad (preprocess_uint8's `pipeline`:
+    the ADM evaluator's TF1 resize by default).
 
     Args:
         images_NHWC_uint8: uint8 (N, H, W, 3) array (a memmap is read batch by batch) or tensor.
@@ -331,9 +350,10 @@ def inception_features(images_NHWC_uint8, model: FIDInceptionV3, batch_size: int
     dtype = next(model.parameters()).dtype
     pool3_N2048 = np.empty((n, 2048), dtype=np.float64)
     logits_N1008 = np.empty((n, 1008), dtype=np.float64)
-    with torch.no_grad(), tqdm(total=n, unit='img', desc='inception', disable=not progress) as bar:
+    with torch.no_grad(), models.progress(total=n, unit='img', desc='inception', disable=not progress) as bar:
         for start in range(0, n, batch_size):
-            x_N3HW = preprocess_uint8(images_NHWC_uint8[start:start + batch_size], dtype=dtype, device=device)
+            x_N3HW = preprocess_uint8(images_NHWC_uint8[start:start + batch_size], dtype=dtype, device=device,
+                                      pipeline=pipeline)
             pool3_B, logits_B = model(x_N3HW)
             pool3_N2048[start:start + len(x_N3HW)] = pool3_B.double().cpu().numpy()
             logits_N1008[start:start + len(x_N3HW)] = logits_B.double().cpu().numpy()
@@ -468,8 +488,9 @@ def precision_recall(real_ND, fake_MD, k: int = 3, block: int = 10000, device='c
 REF_SHAPES_SEED = 1000  # held out: pretrain_tiny.py trains on seed 0 and validates on seed 1
 TINY_RES = 32
 REAL_RES = 256
+REAL_CLASSES = 1000  # ImageNet
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
-CACHE_VERSION = 1  # bump when a cached quantity changes definition
+CACHE_VERSION = 2  # bump when a cached quantity changes definition (2: the ADM / TF1 resize for FID)
 
 
 def _fail(path, reason: str):
@@ -483,27 +504,48 @@ def npz_array(path, name: str) -> np.ndarray:
         info = zf.getinfo(f'{name}.npy')
         stored = info.compress_type == zipfile.ZIP_STORED
     if not stored:
-        with np.load(path, allow_pickle=False) as f:
-            return f[name]
+        return _np_load_member(path, name)
     with open(path, 'rb') as fh:
         fh.seek(info.header_offset)
         local = fh.read(30)
         if local[:4] != b'PK\x03\x04':
             _fail(path, f'corrupt zip: no local header for {name}.npy')
         n_name, n_extra = struct.unpack('<HH', local[26:30])
-        fh.seek(info.header_offset + 30 + n_name + n_extra)
-        version = np.lib.format.read_magic(fh)
+        data_start = info.header_offset + 30 + n_name + n_extra
+        fh.seek(data_start)
+        try:
+            version = np.lib.format.read_magic(fh)
+        except ValueError as e:
+            _fail(path, f'{name}.npy is not a .npy array ({e})')
         read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
         if version not in read_header:
-            with np.load(path, allow_pickle=False) as f:
-                return f[name]
-        shape, fortran, dtype = read_header[version](fh)
+            return _np_load_member(path, name)
+        try:
+            shape, fortran, dtype = read_header[version](fh)
+        except ValueError as e:
+            _fail(path, f'{name}.npy has an unreadable header ({e})')
         offset = fh.tell()
     if dtype.hasobject:
         _fail(path, f'{name} holds Python objects (pickled), not a numeric array')
     if int(np.prod(shape)) == 0:
         return np.empty(shape, dtype=dtype)
+    # the header's shape must fit in the member: a memmap past it would fail (or read the next member's bytes)
+    need, have = int(np.prod(shape)) * dtype.itemsize, max(info.file_size - (offset - data_start), 0)
+    if need > have:
+        rows = f', {have // (need // shape[0])} of {shape[0]} rows' if len(shape) > 1 else ''
+        _fail(path, f'{name} is truncated or corrupt: its header promises shape {tuple(shape)} ({need:,} bytes) but the '
+                    f'file holds {have:,} bytes of it{rows}; write the file again')
     return np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=shape, order='F' if fortran else 'C')
+
+
+def _np_load_member(path, name) -> np.ndarray:
+    """A compressed (or unusual) npz member, loaded whole; a corrupt one ends in a one-line SystemExit."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return f[name]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        _fail(path, f'{name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+                    f'the file is truncated or corrupt')
 
 
 def npz_keys(path) -> list:
@@ -607,7 +649,7 @@ def load_reference(spec: str, resolution: int, ref_n: int) -> dict:
             raise SystemExit(f'--ref {path}: an image folder needs at least 2 images ({", ".join(IMAGE_EXTS)}), found {len(files)}')
         h = hashlib.sha256(f'folder|size={resolution}'.encode())
         images = np.empty((len(files), resolution, resolution, 3), dtype=np.uint8)
-        for i, f in enumerate(tqdm(files, desc='reference images', unit='img')):
+        for i, f in enumerate(models.progress(files, desc='reference images', unit='img')):
             h.update(str(f.relative_to(path)).encode())
             sha256_file(f, h)
             with Image.open(f) as im:
@@ -667,7 +709,7 @@ def featnet_features(images_NHWC_uint8, net, batch_size=64, device='cpu', progre
     """Tiny preset FID / IS features: (CLS (N, D) float64, logits (N, K) float64) of uint8 images."""
     n = len(images_NHWC_uint8)
     feats, logits = [], []
-    for start in tqdm(range(0, n, batch_size), desc=desc, unit='batch', disable=not progress):
+    for start in models.progress(range(0, n, batch_size), desc=desc, unit='batch', disable=not progress):
         x = torch.from_numpy(np.require(images_NHWC_uint8[start:start + batch_size], requirements=['C', 'W'])).to(device)
         cls_BD, head_BK = vit_cls(net, models.to_signed(x))
         feats.append(cls_BD.double().cpu().numpy())
@@ -679,7 +721,7 @@ def featnet_features(images_NHWC_uint8, net, batch_size=64, device='cpu', progre
 def encode_tokens(vae, images_NHWC_uint8, batch_size=64, device='cpu', progress=True) -> np.ndarray:
     """Ground-truth tokens of real images: uint8 (N, H, W, 3) -> int64 (N, L), every scale, scale-major."""
     out = []
-    for start in tqdm(range(0, len(images_NHWC_uint8), batch_size), desc='encode reference', unit='batch',
+    for start in models.progress(range(0, len(images_NHWC_uint8), batch_size), desc='encode reference', unit='batch',
                       disable=not progress):
         x = torch.from_numpy(np.require(images_NHWC_uint8[start:start + batch_size], requirements=['C', 'W'])).to(device)
         idx_Bl = vae.img_to_idxBl(models.to_signed(x))
@@ -696,7 +738,7 @@ def scale_features(vae, phi_net, tokens_NL, patch_nums, batch_size=64, device='c
     tokens_NL: (N, L) integer tokens, L = sum(pn^2). Returns float32 (N, K, D)."""
     sizes = [pn * pn for pn in patch_nums]
     out = []
-    for start in tqdm(range(0, len(tokens_NL), batch_size), desc=desc, unit='batch', disable=not progress):
+    for start in models.progress(range(0, len(tokens_NL), batch_size), desc=desc, unit='batch', disable=not progress):
         tok_BL = torch.from_numpy(np.asarray(tokens_NL[start:start + batch_size]).astype(np.int64)).to(device)
         imgs = vae.idxBl_to_img(list(tok_BL.split(sizes, dim=1)), same_shape=True, last_one=False)  # K x (B,3,H,W)
         out.append(torch.stack([vit_cls(phi_net, img)[0] for img in imgs], dim=1).float().cpu().numpy())
@@ -937,7 +979,7 @@ def paired_fid_bootstrap(feats_list, ref_mu, ref_sigma, n_boot: int, seed: int =
     rng = np.random.default_rng(seed)
     n = len(feats_list[0])
     d_BI = np.empty((n_boot, len(feats_list) - 1))
-    for b in tqdm(range(n_boot), desc='paired bootstrap', dynamic_ncols=True):
+    for b in models.progress(range(n_boot), desc='paired bootstrap', dynamic_ncols=True):
         idx = rng.integers(0, n, n)
         fids = [iscs.frechet_distance(*iscs.feature_stats(f[idx]), ref_mu, ref_sigma) for f in feats_list]
         d_BI[b] = np.asarray(fids[1:]) - fids[0]
@@ -1026,6 +1068,13 @@ def main(argv=None):
             _fail(path, f'{smp["images"].shape[1]}x{smp["images"].shape[1]} images; the {preset} preset evaluates '
                         f'{resolution}x{resolution} samples'
                         + (' (set --depth for real-model samples without a preset key)' if preset == 'tiny' else ''))
+    n_classes = models.TINY['num_classes'] if preset == 'tiny' else REAL_CLASSES
+    for path, smp in samples:
+        labels = smp['labels']
+        if labels is not None and ((labels < 0) | (labels >= n_classes)).any():
+            bad = np.unique(labels[(labels < 0) | (labels >= n_classes)])
+            _fail(path, f'{len(bad)} label value(s) outside the classes 0..{n_classes - 1} of the {preset} preset '
+                        f'(e.g. {bad[:5].tolist()}); wrong labels would silently give class_acc 0')
     if args.ref is None:
         if preset != 'tiny':
             raise SystemExit('--ref is required for real-model samples: the ADM reference batch '

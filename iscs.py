@@ -6,7 +6,7 @@ so the metric can be imported and tested alone.
 Fréchet distance
     ``feature_stats`` / ``frechet_distance`` compute Gaussian statistics and the Fréchet distance
     exactly as pytorch-fid 0.3.0 and the ADM (guided-diffusion) evaluator do
-    (shared/fixtures/README_fid_metrics.md §5). FID in evaluate.py and ISCS both use them, so
+    (tests/fixtures/README_fid_metrics.md §5). FID in evaluate.py and ISCS both use them, so
     their numbers stay comparable with published FIDs.
 
 ISCS (AID-VAR paper §4, eqs. 8-10; DESIGN.md "ISCS")

@@ -1,45 +1,59 @@
 """Pretrain the tiny preset from scratch: VQ-VAE, then VAR, then the feature network, on the shapes data.
 
 The tiny preset (DESIGN.md, "Presets") stands in for the official ImageNet checkpoints so that every
-script runs on a laptop CPU with no network. This script produces its shipped weights:
+script runs on a laptop CPU with no network. This script produces its shipped weights (architectures:
+models.TINY_PRESETS, --preset; every file's entry in MANIFEST.json names it):
 
     weights/tiny_vae.pt       the multi-scale VQ-VAE (32x32 images -> 8x8x16 latent, vocab 256, patch_nums 1..8)
     weights/tiny_var.pt       the class-conditional VAR (depth 4, width 192) on the VQ-VAE's tokens
     weights/tiny_featnet.pt   a small timm ViT classifier: the tiny preset's DINO and Inception stand-in
     weights/pretrain_*.png    VQ-VAE reconstructions and a VAR sample grid, for a look
-    weights/MANIFEST.json     sha256, size and provenance (command, seeds, steps, metrics, wall time) per file
+    weights/MANIFEST.json     sha256, size and provenance (command, preset, seeds, steps, metrics, wall time) per file
 
 Stages (`--stage all|vae|var|featnet`; a later stage loads the earlier stages' files from --out_dir):
-  1. vae:     L1 (or MSE) reconstruction + the quantizer's vq loss, straight-through. The official recipe
-              adds LPIPS and a GAN loss; at 32x32 on flat-coloured shapes plain pixel losses are enough, so
-              they are skipped. Dead codes are re-seeded from current encoder residuals.
+  1. vae:     L1 reconstruction + the quantizer's vq loss, straight-through. The official recipe adds LPIPS
+              and a GAN loss; at 32x32 on flat-coloured shapes plain pixel losses are enough, so they are
+              skipped. Dead codes are re-seeded from current encoder residuals.
   2. var:     tokenise the training set once with the frozen VQ-VAE, then teacher-forced cross-entropy
-              over all 130 token positions, with class dropout 0.1 (needed by classifier-free guidance).
-              Ends with a 10x10 sample grid at --out_dir/pretrain_samples.png (one row per class).
+              over all 130 token positions, class dropout 0.1 (needed by classifier-free guidance); the
+              shipped weights are an EMA. Ends with a 10x10 sample grid (pretrain_samples.png, a row per class).
   3. featnet: a ViT classifier (convolutional stem, models.build_featnet) on images in [0, 1] normalised with
-              its pretrained_cfg mean/std, as the projected discriminator feeds it; its own 60k shapes, mirror
-              flips. Once all three files exist, the VAR's sample grid is scored with it (MANIFEST.json).
+              its pretrained_cfg mean/std, as the projected discriminator feeds it; mirror flips. Once all
+              three files exist, --score_n VAR samples (cfg 1.5) are classified with it (MANIFEST.json).
+
+Resuming: each stage writes out_dir/resume_<stage>.pt (model, optimiser, EMA, RNG states, step) atomically
+every --ckpt_min minutes; the same command plus --resume continues bit-identically (tests/test_pretrain_tiny.py)
+and skips finished stages. --stop_after N ends a session after N steps.
 
 Data: `make_shapes(n, seed)`; training seed 0 (--train_seed), held-out seed 1 (--val_seed). Evaluation,
 tests and benchmarks use other seeds (123, 1000+), never 0 or 1.
 
-Time with the defaults, 1 thread per process on 2 CPU cores (AVX, no AVX2), as measured for the shipped files:
-the VQ-VAE (700 steps, ~0.76 s/step: 8.9 min) + tokenising (~1 min) + the VAR (650 steps, ~1.2 s/step: 13.1 min)
-on one core, and the feature network (2500 steps, ~0.55 s/step: 22.9 min) on the other at the same time
-(`--serial` runs it afterwards instead): ~24 min in all. The per-stage wall times are in weights/MANIFEST.json.
-The VQ-VAE and feature network come out usable (held-out MSE 0.05, 92.6% accuracy); the VAR is undertrained
-at this budget (its samples are mostly blobs with the right colours and some of the class structure), which
-leaves AID-VAR plenty of errors to correct (README, "The tiny preset").
+The recipe (defaults), chosen by pilots on one core (held-out numbers; v1 = the first shipped files, whose VQ-VAE
+ran 700 steps and VAR 650 steps at batch 32):
+  - VQ-VAE: undertrained at 700 steps (MSE 0.052, colours washed out); the same network at 2,500 steps of batch
+    16 reaches MSE 0.0079 with the palette colours right, so 3,500 steps (margin). ~0.36 s/step.
+  - VAR: the same depth-4 / width-192 network (2.8M parameters) at lr 3e-3, EMA 0.998, 1,200 steps on 12k images
+    doubled the class accuracy of its samples over v1 (36.8% vs 20.4%) and halved FID (19.8 vs 41.4; 2,000
+    samples, v1 feature network), token accuracy still rising at every scale. Its size suits the budget: ~10k
+    steps x 32 x 130 tokens is ~40M tokens, ~15 per parameter (compute-optimal is ~20), so the steps go into
+    training longer, on 60k images (5 epochs, no repeats to memorise), with an EMA of 0.999. ~0.65 s/step.
+  - feature network: 2,500 steps gave 93.3% (2,000 held-out images; errors mostly hexagon <-> heart); adding
+    90-degree rotations did not help (91.0%), so 6,000 steps of the same recipe. ~0.33 s/step.
+  Alone on one core (AVX, 1 thread): ~21 + 6 (tokenising) + 110 + 33 min, ~2.9 h (`--serial`); by default the
+  feature network trains in a second process alongside. Wall times per stage are in MANIFEST.json.
 Files are float16 state_dicts (the loaders cast them back to float32), ~10 MB in all.
 
     python pretrain_tiny.py                     # everything, into weights/
     python pretrain_tiny.py --stage var         # retrain only the VAR (needs weights/tiny_vae.pt)
+    python pretrain_tiny.py --out_dir runs/tiny_v2 --serial [--resume]   # a staging copy, on one core
+    AIDVAR_TINY_DIR=runs/tiny_v2 python sample.py --w 0                   # any script on the staging copy
 """
 import argparse
 import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -55,40 +69,50 @@ from models import make_shapes
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
 parser.add_argument('--stage', default='all', choices=['all', 'vae', 'var', 'featnet'])
+parser.add_argument('--preset', default=models.TINY_PRESET, choices=sorted(models.TINY_PRESETS),
+                    help='architecture (models.TINY_PRESETS); default: the one weights/ holds')
 parser.add_argument('--out_dir', default=str(models.TINY_DIR))
-parser.add_argument('--n_train', type=int, default=12000, help='training images (make_shapes(n_train, train_seed))')
-parser.add_argument('--n_val', type=int, default=500, help='held-out images (make_shapes(n_val, val_seed))')
+parser.add_argument('--resume', action='store_true',
+                    help='continue each stage from out_dir/resume_<stage>.pt; stages that finished are skipped')
+parser.add_argument('--ckpt_min', type=float, default=5.0, help='write the resume checkpoint every this many minutes')
+parser.add_argument('--stop_after', type=int, default=0,
+                    help='exit (with a checkpoint) after this many training steps of this process, all stages '
+                         'together: split a run into sessions; continue with --resume')
+parser.add_argument('--n_train', type=int, default=60000, help='training images (make_shapes(n_train, train_seed))')
+parser.add_argument('--n_val', type=int, default=2000, help='held-out images (make_shapes(n_val, val_seed))')
 parser.add_argument('--train_seed', type=int, default=0)
 parser.add_argument('--val_seed', type=int, default=1)
 parser.add_argument('--seed', type=int, default=0, help='torch seed (init, batches, code re-seeding)')
 # 1 thread by default: on 2 shared cores, 2 OpenMP threads spin against the other jobs and ran 8x slower (measured)
 parser.add_argument('--threads', type=int, default=1)
 # VQ-VAE
-parser.add_argument('--vae_steps', type=int, default=700)
+parser.add_argument('--vae_steps', type=int, default=3500)
 parser.add_argument('--vae_bs', type=int, default=16)
 parser.add_argument('--vae_lr', type=float, default=2e-3)
 parser.add_argument('--vae_loss', default='l1', choices=['l1', 'mse'])
 parser.add_argument('--dead_window', type=int, default=50, help='re-seed codes unused over this many steps')
 parser.add_argument('--dead_until', type=float, default=0.8, help='stop re-seeding after this fraction of the steps')
+parser.add_argument('--vae_eval_every', type=int, default=500, help='print the val MSE every this many steps (0: at the end)')
 # VAR
-parser.add_argument('--var_steps', type=int, default=650)
+parser.add_argument('--var_steps', type=int, default=10000)
 parser.add_argument('--var_bs', type=int, default=32)
-parser.add_argument('--var_lr', type=float, default=2e-3)
+parser.add_argument('--var_lr', type=float, default=3e-3)
 parser.add_argument('--var_wd', type=float, default=0.05)
 parser.add_argument('--var_clip', type=float, default=2.0)
-parser.add_argument('--var_eval_every', type=int, default=200)
+parser.add_argument('--var_ema', type=float, default=0.999, help='EMA decay of the shipped VAR weights (0: no EMA)')
+parser.add_argument('--var_eval_every', type=int, default=1000)
 parser.add_argument('--warmup', type=float, default=0.05, help='warm-up fraction of the steps (VAE, VAR, featnet)')
 # sampling for the grid / the sample score
 parser.add_argument('--cfg', type=float, default=1.5)
 parser.add_argument('--top_k', type=int, default=0)
 parser.add_argument('--top_p', type=float, default=0.0)
+parser.add_argument('--score_n', type=int, default=1000, help='VAR samples the finished feature network classifies')
 # feature network
-parser.add_argument('--fn_steps', type=int, default=2500)
+parser.add_argument('--fn_steps', type=int, default=6000)
 parser.add_argument('--fn_bs', type=int, default=64)
 parser.add_argument('--fn_lr', type=float, default=1e-3)
 parser.add_argument('--fn_n_train', type=int, default=60000,
-                    help='the feature network sees its own, larger set (make_shapes(fn_n_train, train_seed)): it is cheap '
-                         'per image and overfits 12k images')
+                    help='its own training set (make_shapes(fn_n_train, train_seed)): the same images as --n_train by default')
 parser.add_argument('--serial', action='store_true',
                     help='--stage all: train the feature network after the VAR instead of in a second process alongside')
 parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)  # the parallel featnet process
@@ -120,12 +144,6 @@ def fp16_roundtrip(model):
     return sd
 
 
-def save_atomic(sd, path):
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(sd, tmp)
-    os.replace(tmp, path)
-
-
 def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -142,19 +160,79 @@ def write_manifest(out_dir, manifest):
     os.replace(tmp, path)
 
 
+def recipe_command():
+    """The command line without the session flags (--resume / --stop_after N): a resumed run equals this one."""
+    return re.sub(r' --resume\b| --stop_after[ =]\S+', '', ' '.join(['python pretrain_tiny.py', *sys.argv[1:]]))
+
+
 def update_manifest(out_dir, name, info):
     """Adds/replaces one file's entry in MANIFEST.json (other stages' entries are kept)."""
     manifest = read_manifest(out_dir)
     fpath = out_dir / models.TINY_FILES[name]
+    arch = {k: v for k, v in models.TINY_PRESETS[args.preset].items() if (k == 'featnet') == (name == 'featnet')}
     manifest[models.TINY_FILES[name]] = dict(
-        sha256=sha256(fpath), size_bytes=fpath.stat().st_size,
-        command='python ' + ' '.join(sys.argv), torch_version=torch.__version__, **info)
+        sha256=sha256(fpath), size_bytes=fpath.stat().st_size, command=recipe_command(),
+        torch_version=torch.__version__, preset=args.preset, arch=arch.get('featnet', arch), **info)
     write_manifest(out_dir, manifest)
 
 
 def load_file(model, out_dir, name):
     path = out_dir / models.TINY_FILES[name]
     return models.load_checked(model, models.load_state_dict_file(path), path, f'the tiny preset {name}')
+
+
+# resuming: every stage writes out_dir/resume_<stage>.pt (model, optimiser, EMA, RNG, step, loop state) every
+# --ckpt_min minutes, and a small "done" marker once its file is written. Batches are a function of the step
+# (batch_ids), so the RNG states are all a resumed run needs to continue bit-identically.
+_ckpt = dict(last=time.time(), steps=0)
+
+
+def resume_path(out_dir, stage):
+    return out_dir / f'resume_{stage}.pt'
+
+
+def load_resume(out_dir, stage):
+    """The stage's checkpoint (dict) under --resume, else None."""
+    path = resume_path(out_dir, stage)
+    return torch.load(path, map_location='cpu', weights_only=True) if args.resume and path.is_file() else None
+
+
+def stage_done(out_dir, stage):
+    """--resume: the stage finished before and its file is still the one it wrote."""
+    ck, path = load_resume(out_dir, stage), out_dir / models.TINY_FILES[stage]
+    done = bool(ck and ck.get('done') and path.is_file() and sha256(path) == ck['sha256'])
+    if done:
+        print(f'[{stage}] finished in an earlier session: {path}')
+    return done
+
+
+def mark_done(out_dir, stage):
+    models.atomic_save(dict(stage=stage, done=True, sha256=sha256(out_dir / models.TINY_FILES[stage])),
+                       resume_path(out_dir, stage))
+
+
+def restore(ck, model, opt, gen=None):
+    """Loads a checkpoint's model / optimiser / RNG states; returns the step to continue from."""
+    model.load_state_dict(ck['model'])
+    opt.load_state_dict(ck['opt'])
+    if gen is not None:
+        gen.set_state(ck['gen'])
+    torch.set_rng_state(ck['rng'])
+    print(f'[{ck["stage"]}] resuming at step {ck["step"]}')
+    return ck['step']
+
+
+def after_step(out_dir, stage, step, state):
+    """Called after every training step (step = steps done): writes the checkpoint when due (state() gives the
+    stage's part of it) and ends the process after --stop_after steps."""
+    _ckpt['steps'] += 1
+    stop = args.stop_after and _ckpt['steps'] >= args.stop_after
+    if stop or time.time() - _ckpt['last'] >= 60 * args.ckpt_min:
+        models.atomic_save(dict(stage=stage, step=step, rng=torch.get_rng_state(), **state()), resume_path(out_dir, stage))
+        _ckpt['last'] = time.time()
+    if stop:
+        print(f'\n[{stage}] --stop_after {args.stop_after}: stopped at step {step}; continue with --resume')
+        sys.exit(0)
 
 
 def load_data(with_train):
@@ -168,12 +246,15 @@ def load_data(with_train):
     return (*tr, *va)
 
 
-def batches(n, bs, gen):
-    """Endless random minibatch indices (reshuffled every epoch)."""
-    while True:
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n - bs + 1, bs):
-            yield perm[i:i + bs]
+def batch_ids(step, n, bs):
+    """The minibatch of a step: every epoch is a permutation from its own seed, so no iterator state is needed."""
+    epoch, i = divmod(step, n // bs)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+    return perm[i * bs:(i + 1) * bs]
+
+
+def steps_bar(stage, start, total):
+    return tqdm(range(start, total), initial=start, total=total, desc=stage, mininterval=10, file=sys.stdout)
 
 
 def data_info():
@@ -220,18 +301,21 @@ def eval_vae(vae, va_img, bs=250):
 
 def train_vae(out_dir, tr_img, va_img):
     torch.manual_seed(args.seed)
-    vae, _ = models.build_tiny(init=True)
+    vae, _ = models.build_tiny(init=True, preset=args.preset)
     vae.train()
     vae.requires_grad_(True)  # built in test_mode (eval, frozen): switch both back on for training
     quant = vae.quantize
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
-    it = batches(len(tr_img), args.vae_bs, gen)
-    V, hits_V, t0 = vae.vocab_size, torch.zeros(vae.vocab_size), time.time()
-    pbar = tqdm(range(args.vae_steps), desc='vae', mininterval=10, file=sys.stdout)
+    V, hits_V, start, wall = vae.vocab_size, torch.zeros(vae.vocab_size), 0, 0.0
+    ck = load_resume(out_dir, 'vae')
+    if ck:
+        start, hits_V, wall = restore(ck, vae, opt, gen), ck['hits_V'], ck['wall']
+    t0 = time.time() - wall  # wall time over all sessions
+    pbar = steps_bar('vae', start, args.vae_steps)
     for step in pbar:
         set_lr(opt, lr_at(step, args.vae_steps, args.vae_lr))
-        x_B3HW = models.to_signed(tr_img[next(it)])
+        x_B3HW = models.to_signed(tr_img[batch_ids(step, len(tr_img), args.vae_bs)])
         f_BChw = vae.quant_conv(vae.encoder(x_B3HW))
         f_hat_BChw, vq_loss, idx_ls = quant(f_BChw)
         rec_B3HW = vae.decoder(vae.post_quant_conv(f_hat_BChw))
@@ -254,16 +338,22 @@ def train_vae(out_dir, tr_img, va_img):
             pbar.set_postfix_str(f'rec {rec_loss.item():.4f} vq {vq_loss.item():.4f} used {int((hits_V > 0).sum())}/{V} '
                                  f'reseeded {len(dead) if step < args.dead_until * args.vae_steps else 0}')
             hits_V.zero_()
+        if args.vae_eval_every and (step + 1) % args.vae_eval_every == 0 and step + 1 < args.vae_steps:
+            print(f'\n[vae] step {step + 1}: val {eval_vae(vae, va_img)}')
+            vae.train()
+        after_step(out_dir, 'vae', step + 1, lambda: dict(model=vae.state_dict(), opt=opt.state_dict(),
+                                                          gen=gen.get_state(), hits_V=hits_V, wall=time.time() - t0))
     wall = time.time() - t0
     vae.requires_grad_(False)
     sd = fp16_roundtrip(vae)
     metrics = eval_vae(vae, va_img)
     print(f'[vae] {wall / 60:.1f} min; val (fp16 weights): {metrics}')
     path = out_dir / models.TINY_FILES['vae']
-    save_atomic(sd, path)
+    models.atomic_save(sd, path)
     update_manifest(out_dir, 'vae', dict(stage='vae', steps=args.vae_steps, batch=args.vae_bs, lr=args.vae_lr,
                                          loss=f'{args.vae_loss} + vq', wall_time_s=round(wall), metrics=metrics,
                                          **data_info()))
+    mark_done(out_dir, 'vae')
     with torch.no_grad():  # originals (top) over reconstructions (bottom), for a quick look
         x = models.to_signed(va_img[:16])
         rec = vae.img_to_reconstructed_img(x, last_one=True)
@@ -314,10 +404,21 @@ def sample_grid(var, path):
     return img_B3HW, labels_B
 
 
+@torch.no_grad()
+def swap_ema(var, ema_P):
+    """Exchanges the VAR's weights with the EMA's (no-op without EMA); twice restores them exactly."""
+    if ema_P is not None:
+        for p, e in zip(var.parameters(), ema_P):
+            tmp = p.detach().clone()
+            p.copy_(e)
+            e.copy_(tmp)
+
+
 def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
     torch.manual_seed(args.seed)
-    vae, var = models.build_tiny(init=True)
+    vae, var = models.build_tiny(init=True, preset=args.preset)
     load_file(vae, out_dir, 'vae')  # var.vae *is* this object, so the VAR now sees the trained VQ-VAE
+    vae_sha = sha256(out_dir / models.TINY_FILES['vae'])
     vae.eval().requires_grad_(False)
     quant = vae.quantize
     tr_tok, va_tok = tokenize(vae, tr_img), tokenize(vae, va_img)
@@ -328,14 +429,22 @@ def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
     no_decay = [p for n, p in var.named_parameters() if not (p.ndim >= 2 and 'pos_' not in n and 'emb' not in n)]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.var_wd), dict(params=no_decay, weight_decay=0.0)],
                             lr=args.var_lr, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(args.seed)
-    it = batches(len(tr_tok), args.var_bs, gen)
+    ema_P = [p.detach().clone() for p in var.parameters()] if args.var_ema else None
+    start, wall, ema_loss, ema_acc = 0, 0.0, None, None
+    ck = load_resume(out_dir, 'var')
+    if ck:
+        if ck['vae_sha256'] != vae_sha:
+            raise SystemExit(f'{resume_path(out_dir, "var")} continues a VAR trained on another VQ-VAE than '
+                             f'{out_dir / models.TINY_FILES["vae"]}; delete it (or run without --resume)')
+        start, wall, ema_loss, ema_acc = restore(ck, var, opt), ck['wall'], ck['ema_loss'], ck['ema_acc']
+        for e, e_ck in zip(ema_P or [], ck['ema'] or []):
+            e.copy_(e_ck)
     var.train()  # class dropout on: the unconditional branch of CFG is learnt here
-    t0, ema_loss, ema_acc = time.time(), None, None
-    pbar = tqdm(range(args.var_steps), desc='var', mininterval=10, file=sys.stdout)
+    t0 = time.time() - wall
+    pbar = steps_bar('var', start, args.var_steps)
     for step in pbar:
         set_lr(opt, lr_at(step, args.var_steps, args.var_lr))
-        ids = next(it)
+        ids = batch_ids(step, len(tr_tok), args.var_bs)
         tok_BL, lab_B = tr_tok[ids], tr_lab[ids]
         with torch.no_grad():
             x_BLCv = quant.idxBl_to_var_input(split_scales(tok_BL, var.patch_nums))
@@ -345,27 +454,36 @@ def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(var.parameters(), args.var_clip)
         opt.step()
+        if ema_P is not None:  # the usual warm-up: the EMA starts short and lengthens to --var_ema
+            torch._foreach_lerp_(ema_P, [p.detach() for p in var.parameters()],
+                                 1 - min(args.var_ema, (1 + step) / (10 + step)))
         acc = (logits_BLV.argmax(-1) == tok_BL).float().mean().item()
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         ema_acc = acc if ema_acc is None else 0.98 * ema_acc + 0.02 * acc
         pbar.set_postfix_str(f'loss {ema_loss:.3f} acc {ema_acc:.3f}')
         if (step + 1) % args.var_eval_every == 0 and step + 1 < args.var_steps:
-            print(f'\n[var] step {step + 1}: val token acc per scale {var_token_acc(var, va_tok, va_lab)}')
+            swap_ema(var, ema_P)  # the weights that will ship
+            print(f'\n[var] step {step + 1}: loss {ema_loss:.3f}, val token acc per scale {var_token_acc(var, va_tok, va_lab)}')
+            swap_ema(var, ema_P)
             var.train()
+        after_step(out_dir, 'var', step + 1, lambda: dict(
+            model=var.state_dict(), opt=opt.state_dict(), ema=ema_P, vae_sha256=vae_sha,
+            wall=time.time() - t0, ema_loss=ema_loss, ema_acc=ema_acc))
     wall = time.time() - t0
     var.requires_grad_(False)
+    swap_ema(var, ema_P)
     sd = fp16_roundtrip(var)
     n_tr = min(len(tr_tok), 2000)
     metrics = dict(train_token_acc_per_scale=var_token_acc(var, tr_tok[:n_tr], tr_lab[:n_tr]),
                    val_token_acc_per_scale=var_token_acc(var, va_tok, va_lab), final_train_loss=round(ema_loss, 4))
     print(f'[var] {wall / 60:.1f} min; (fp16 weights) {metrics}')
     path = out_dir / models.TINY_FILES['var']
-    save_atomic(sd, path)
+    models.atomic_save(sd, path)
     sample_grid(var, out_dir / 'pretrain_samples.png')
     update_manifest(out_dir, 'var', dict(stage='var', steps=args.var_steps, batch=args.var_bs, lr=args.var_lr,
-                                         weight_decay=args.var_wd, grad_clip=args.var_clip, wall_time_s=round(wall),
-                                         metrics=metrics, vae_sha256=sha256(out_dir / models.TINY_FILES['vae']),
-                                         **data_info()))
+                                         weight_decay=args.var_wd, grad_clip=args.var_clip, ema=args.var_ema,
+                                         wall_time_s=round(wall), metrics=metrics, vae_sha256=vae_sha, **data_info()))
+    mark_done(out_dir, 'var')
     print(f'[var] samples (cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}) -> {out_dir / "pretrain_samples.png"}')
 
 
@@ -389,16 +507,19 @@ def train_featnet(out_dir, va_img, va_lab):
     t0 = time.time()
     tr_img, tr_lab = (torch.from_numpy(a) for a in make_shapes(args.fn_n_train, args.train_seed))
     print(f'[featnet] {args.fn_n_train} training shapes (seed {args.train_seed}) in {time.time() - t0:.0f}s')
-    net = models.build_featnet()
+    net = models.build_featnet(args.preset)
     opt = torch.optim.AdamW(net.parameters(), lr=args.fn_lr, betas=(0.9, 0.999), weight_decay=0.05)
     gen = torch.Generator().manual_seed(args.seed)
-    it = batches(len(tr_img), args.fn_bs, gen)
+    start, wall, ema_loss = 0, 0.0, None
+    ck = load_resume(out_dir, 'featnet')
+    if ck:
+        start, wall, ema_loss = restore(ck, net, opt, gen), ck['wall'], ck['ema_loss']
     net.train()
-    t0, ema_loss = time.time(), None
-    pbar = tqdm(range(args.fn_steps), desc='featnet', mininterval=10, file=sys.stdout)
+    t0 = time.time() - wall
+    pbar = steps_bar('featnet', start, args.fn_steps)
     for step in pbar:
         set_lr(opt, lr_at(step, args.fn_steps, args.fn_lr))
-        ids = next(it)
+        ids = batch_ids(step, len(tr_img), args.fn_bs)
         x_B3HW = models.to_signed(tr_img[ids])
         # mirror half the batch: every class is mirror-symmetric up to rotation, so labels stay right
         flip_B = torch.rand(len(ids), generator=gen) < 0.5
@@ -410,35 +531,41 @@ def train_featnet(out_dir, va_img, va_lab):
         opt.step()
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         pbar.set_postfix_str(f'loss {ema_loss:.3f}')
+        after_step(out_dir, 'featnet', step + 1, lambda: dict(model=net.state_dict(), opt=opt.state_dict(),
+                                                              gen=gen.get_state(), wall=time.time() - t0, ema_loss=ema_loss))
     wall = time.time() - t0
     net.requires_grad_(False)
     sd = fp16_roundtrip(net)
     metrics = dict(val_acc=round(featnet_acc(net, models.to_signed(va_img), va_lab), 4))
     print(f'[featnet] {wall / 60:.1f} min; (fp16 weights) {metrics}')
-    save_atomic(sd, out_dir / models.TINY_FILES['featnet'])
+    models.atomic_save(sd, out_dir / models.TINY_FILES['featnet'])
     update_manifest(out_dir, 'featnet', dict(stage='featnet', steps=args.fn_steps, batch=args.fn_bs, lr=args.fn_lr,
                                              wall_time_s=round(wall), metrics=metrics,
                                              **dict(data_info(), train_images=args.fn_n_train)))
+    mark_done(out_dir, 'featnet')
 
 
 @torch.no_grad()
 def score_var_samples(out_dir):
-    """How recognisable the VAR's samples are to the feature network (the pretrain_samples.png grid); both files
-    must exist. Written into the featnet entry of MANIFEST.json."""
-    vae, var = models.build_tiny()
+    """How recognisable the VAR's samples are to the feature network: --score_n samples (balanced classes, seeds
+    1, 2, ... per 250), all three files must exist. Written into the featnet entry of MANIFEST.json."""
+    vae, var = models.build_tiny(preset=args.preset)
     load_file(vae, out_dir, 'vae')
     load_file(var, out_dir, 'var')
     vae.eval().requires_grad_(False)
     var.eval().requires_grad_(False)
-    net = models.build_featnet()
+    net = models.build_featnet(args.preset)
     load_file(net, out_dir, 'featnet')
-    img_B3HW, lab_B = sample_grid(var, out_dir / 'pretrain_samples.png')
-    acc = round(featnet_acc(net, img_B3HW.mul(2).sub(1), lab_B), 4)
-    print(f'[featnet] accuracy on the VAR grid ({len(lab_B)} samples, cfg {args.cfg}): {acc}')
+    lab_N = torch.arange(args.score_n) % 10
+    img_N3HW = torch.cat([var.autoregressive_infer_cfg(len(lab_B), lab_B, g_seed=1 + i, cfg=args.cfg, top_k=args.top_k,
+                                                       top_p=args.top_p) for i, lab_B in enumerate(lab_N.split(250))])
+    acc = round(featnet_acc(net, img_N3HW.mul(2).sub(1), lab_N), 4)
+    print(f'[featnet] class accuracy on {len(lab_N)} VAR samples (cfg {args.cfg}): {acc}')
     manifest = read_manifest(out_dir)
-    manifest[models.TINY_FILES['featnet']]['metrics'].update(
-        var_sample_acc=acc, var_sample_settings=dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, n=len(lab_B),
-                                                     g_seed=0, var_sha256=sha256(out_dir / models.TINY_FILES['var'])))
+    manifest.setdefault(models.TINY_FILES['featnet'], {}).setdefault('metrics', {}).update(
+        var_sample_acc=acc, var_sample_settings=dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, n=len(lab_N),
+                                                     g_seeds='1 + i for samples 250 i .. 250 i + 249',
+                                                     var_sha256=sha256(out_dir / models.TINY_FILES['var'])))
     write_manifest(out_dir, manifest)
 
 
@@ -449,8 +576,12 @@ def main():
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    stages = ['vae', 'var', 'featnet'] if args.stage == 'all' else [args.stage]
+    if not args.resume and not args.child:  # a fresh run: no stale checkpoint may be resumed from later
+        for s in stages:
+            resume_path(out_dir, s).unlink(missing_ok=True)
     child = None
-    if args.stage == 'all' and not args.serial:
+    if args.stage == 'all' and not args.serial and not stage_done(out_dir, 'featnet'):
         # the feature network does not depend on the VQ-VAE/VAR: train it on the second core meanwhile
         # (argparse keeps the last --stage); its log goes to out_dir/pretrain_featnet.log
         log = open(out_dir / 'pretrain_featnet.log', 'w')
@@ -458,11 +589,11 @@ def main():
                                  stdout=log, stderr=subprocess.STDOUT)
         print(f'[featnet] training in process {child.pid} alongside; log: {log.name}')
     tr_img, tr_lab, va_img, va_lab = load_data(with_train=args.stage in ('all', 'vae', 'var'))
-    if args.stage in ('all', 'vae'):
+    if 'vae' in stages and not stage_done(out_dir, 'vae'):
         train_vae(out_dir, tr_img, va_img)
-    if args.stage in ('all', 'var'):
+    if 'var' in stages and not stage_done(out_dir, 'var'):
         train_var(out_dir, tr_img, tr_lab, va_img, va_lab)
-    if args.stage == 'featnet' or (args.stage == 'all' and args.serial):
+    if (args.stage == 'featnet' or (args.stage == 'all' and args.serial)) and not stage_done(out_dir, 'featnet'):
         train_featnet(out_dir, va_img, va_lab)
     if child is not None and child.wait() != 0:
         raise SystemExit(f'the feature network process failed (exit {child.returncode}); see {log.name}')
@@ -472,7 +603,7 @@ def main():
     if len(names) == 3:
         score_var_samples(out_dir)
     # the shipped loaders must accept what was written (they read models.TINY_DIR)
-    if out_dir.resolve() == Path(models.TINY_DIR).resolve():
+    if out_dir.resolve() == Path(models.TINY_DIR).resolve() and args.preset == models.TINY_PRESET:
         if 'var' in names:
             models.load_tiny()
         if 'featnet' in names:

@@ -26,8 +26,10 @@ samples, so ISCS (rebuilt from the tokens) then describes the unsmoothed token m
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -37,38 +39,60 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 import models
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument('--depth', type=int, default=None, help='16/20/24/30: official VAR-d{depth}; default: the tiny preset')
-p.add_argument('--ckpt_dir', type=str, default='checkpoints')
+p.add_argument('--ckpt_dir', type=str, default='checkpoints',
+               help='folder of the official VAR / VQ-VAE checkpoints (real models; downloaded from the HF hub if missing)')
 p.add_argument('--injector', type=str, default=None,
                help='injector.pt from train_injector.py (tiny preset default: the shipped weights/tiny_injector.pt)')
 p.add_argument('--random_init', action='store_true',
                help='random VAR / VQ-VAE (seed 0) and a random non-zero injector: tests and benchmarks only')
 p.add_argument('--w', type=float, nargs='+', default=None,
-               help="guidance weight(s); several give one npz each from identical seeds (default: the injector's w_train)")
+               help="guidance weight(s), finite; several give one npz each from identical seeds (default: the injector's "
+                    "w_train: 0.001 for the paper's real models, 0.01 for the shipped tiny injector). Negative or > 1 "
+                    "runs with a warning")
 p.add_argument('--inject', choices=['input', 'head'], default=None, help="default: the injector's training setting")
-p.add_argument('--cfg', type=float, default=1.5)
+p.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance scale (the VAR evaluation protocol: 1.5)')
 p.add_argument('--top_k', type=int, default=None, help='default: 900 (real models), the injector meta or 0 (tiny)')
 p.add_argument('--top_p', type=float, default=None, help='default: 0.96 (real models), the injector meta or 0 (tiny)')
 p.add_argument('--more_smooth', action='store_true', help="VAR's Gumbel-smoothed embeddings (off in the VAR eval protocol)")
-p.add_argument('--seed', type=int, default=0)
+p.add_argument('--seed', type=int, default=0, help='labels and batch seeds derive from it (a paired comparison needs the same)')
 p.add_argument('--classes', type=int, nargs='+', default=None, help='default: every class')
 p.add_argument('--num_per_class', type=int, default=None, help='default: 50 (real models: 50k in all), 10 (tiny)')
 p.add_argument('--batch_size', type=int, default=50, help='per forward pass; part of the seeding, keep it fixed to resume')
-p.add_argument('--out_dir', type=str, default='samples')
+p.add_argument('--out_dir', type=str, default='samples', help='folder of the npz files, grids and progression')
 p.add_argument('--progression', action='store_true', help='also write progression.png (paper Figure 6)')
 p.add_argument('--progression_n', type=int, default=4, help='samples (from different classes) in progression.png')
 p.add_argument('--mixed_precision', choices=['no', 'bf16', 'fp16'], default=None,
                help='autocast dtype; default fp16 on GPU (the VAR demo), no on CPU')
 p.add_argument('--cpu', action='store_true', help='run on CPU even if a GPU is present')
+p.add_argument('--plant', choices=list(models.PLANT_STRENGTH), default=None,
+               help='positive control: sample from the VAR with this planted error (as train_injector.py --plant)')
+p.add_argument('--plant_strength', type=float, default=None, help='size of the planted error (default per kind)')
+p.add_argument('--plant_seed', type=int, default=0, help='which planted error (its random direction)')
 p.add_argument('--max_batches', type=int, default=None,
                help='debug: stop after computing this many new batches (leaves a resumable partial run)')
 
 GRID_ROWS, GRID_COLS = 10, 8  # classes x samples per class in grid_w{w}.png
+W_WARN = 1.0  # |w| above this gets a warning: the paper samples at 0.001, and the tiny preset's samples break at 0.1
+
+
+def check_ws(ws):
+    """Refuses non-finite guidance weights (SystemExit); warns about negative or very large ones."""
+    bad = [w for w in ws if not math.isfinite(w)]
+    if bad:
+        raise SystemExit(f'--w {" ".join(map(str, bad))}: the guidance weight must be a finite number (e.g. --w 0 0.001).')
+    for w in ws:
+        if w < 0:
+            print(f'[sample] warning: --w {w:g} is negative: the guidance is applied reversed (pushes towards what the '
+                  f'discriminator rejects). Sampling anyway.', file=sys.stderr)
+        elif w > W_WARN:
+            print(f'[sample] warning: --w {w:g} is {w / 0.001:,.0f}x the paper\'s 0.001; the injector was trained for '
+                  f'w near its w_train, and larger w break the samples (tiny preset: FID +45 at 0.1). Sampling anyway.',
+                  file=sys.stderr)
 
 
 def resolve_args(argv=None):
@@ -83,6 +107,8 @@ def resolve_args(argv=None):
         raise SystemExit(f'--num_per_class and --batch_size must be >= 1, got {args.num_per_class} and {args.batch_size}')
     if args.seed < 0:
         raise SystemExit(f'--seed must be >= 0, got {args.seed}')
+    if args.w is not None:  # before any folder is made or model loaded
+        check_ws(args.w)
     return args
 
 
@@ -148,10 +174,12 @@ def build_models(args, device):
     if args.random_init:
         vae, var = models.build_random(args.depth, device)  # evaluate.py --random_init rebuilds the same VQ-VAE
         inj = models.GuidanceInjector(var.C, var.patch_nums)
-        nn.init.normal_(inj.proj_out.weight, std=0.02)  # an untrained injector outputs exactly 0
+        nn.init.normal_(inj.proj_out.weight, std=0.1)  # an untrained injector outputs exactly 0; 0.1 moves tokens
         meta = dict(inject='input', w_train=0.001, source='random')
         return vae, var, models.frozen(inj, device), meta
     vae, var = models.load_vae_var(args.depth, args.ckpt_dir, device)
+    if args.plant:
+        models.plant_error(var, args.plant, args.plant_strength, args.plant_seed)
     if args.w is not None and all(w == 0 for w in args.w) and not args.injector:
         return vae, var, None, dict(source='none')
     path = args.injector
@@ -174,7 +202,8 @@ def settings_of(args, var, inj_meta, w, labels_N) -> dict:
                 seed=args.seed, classes=args.classes, num_per_class=args.num_per_class, batch_size=args.batch_size,
                 n=int(len(labels_N)), patch_nums=list(var.patch_nums), vocab_size=var.V,
                 injector=None if w == 0 else {k: inj_meta.get(k) for k in ('source', 'sha256', 'step', 'w_train')},
-                mixed_precision=args.mixed_precision)
+                mixed_precision=args.mixed_precision,
+                plant=None if args.plant is None else [args.plant, args.plant_strength, args.plant_seed])
 
 
 def settings_diff(a: dict, b: dict) -> str:
@@ -282,7 +311,8 @@ def main(argv=None):
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.mixed_precision, torch.bfloat16)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.mixed_precision != 'no')
 
-    vae, var, inj, inj_meta = build_models(args, device)
+    with acc.main_process_first():  # downloads happen once; the other ranks then read the files
+        vae, var, inj, inj_meta = build_models(args, device)
     if args.w is None:
         args.w = [inj_meta.get('w_train', 0.001)]
     if args.inject is None:
@@ -341,8 +371,8 @@ def main(argv=None):
         print(f'[sample] resuming: {done_before} finished batches found')
     if args.max_batches is not None:
         todo = todo[:args.max_batches]
-    for (w, _, part_dir, _), b in tqdm(todo, desc='sample', unit='batch', disable=not acc.is_main_process,
-                                       dynamic_ncols=True):
+    for (w, _, part_dir, _), b in models.progress(todo, desc='sample', unit='batch', disable=not acc.is_main_process,
+                                                  dynamic_ncols=True):
         labels_B = torch.from_numpy(labels_N[b * bs:(b + 1) * bs]).to(device)
         img_BHW3, tokens_BL = sample_batch(var, hook, args, labels_B, batch_seed(args.seed, b), w, autocast())
         save_npz(part_dir / f'batch_{b:05d}.npz', {'arr_0': img_BHW3, 'tokens': tokens_BL})

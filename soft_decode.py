@@ -9,14 +9,16 @@ to the probabilities: the VQ-VAE's weights are frozen, but nothing here runs und
 Relaxations (`relax`):
   soft    softmax(logits / tau): the expected code embedding (the paper's choice);
   gumbel  softmax((logits + Gumbel noise) / tau): a relaxed sample;
-  st      straight-through: the forward pass is the hard one-hot argmax, the backward pass the soft gradient.
+  st      straight-through: the forward pass is the hard one-hot argmax, the backward pass the soft gradient;
+  st_gumbel  straight-through Gumbel: the forward pass is a hard one-hot *sample* (the token inference would draw),
+          the backward pass the gradient of the relaxed sample softmax((logits + the same noise) / tau).
 """
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
-MODES = ('soft', 'gumbel', 'st')
+MODES = ('soft', 'gumbel', 'st', 'st_gumbel')
 
 
 def relax(logits_BlV: torch.Tensor, mode: str = 'soft', tau: float = 1.0,
@@ -24,11 +26,12 @@ def relax(logits_BlV: torch.Tensor, mode: str = 'soft', tau: float = 1.0,
     """Logits (B, l, V) -> differentiable token probabilities (B, l, V), rows summing to 1."""
     if mode not in MODES:
         raise ValueError(f'decode mode must be one of {MODES}, got {mode!r}')
-    if mode == 'gumbel':
+    if mode in ('gumbel', 'st_gumbel'):
         E = torch.empty_like(logits_BlV).exponential_(generator=generator)
-        return ((logits_BlV - E.log()) / tau).softmax(-1)
-    soft = (logits_BlV / tau).softmax(-1)
-    if mode == 'soft':
+        soft = ((logits_BlV - E.log()) / tau).softmax(-1)
+    else:
+        soft = (logits_BlV / tau).softmax(-1)
+    if mode in ('soft', 'gumbel'):
         return soft
     hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
     return hard + (soft - soft.detach())  # exact one-hot values forward, soft gradient backward
@@ -63,12 +66,37 @@ def decode_mixed(vae, idx_prefix: List[torch.Tensor], probs_BlV: torch.Tensor) -
     return decode_probs(vae, [one_hot(i, vae.vocab_size, dtype) for i in idx_prefix] + [probs_BlV], last_one=True)
 
 
-def disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, decode, tau):
-    """AID-VAR's discriminator inputs: fake (prefix one-hot + relaxed scale k, differentiable) and real (ground
-    truth) cumulative images of scales 0..k.
+@torch.no_grad()
+def residual_sq_dists(vae, img_B3HW: torch.Tensor):
+    """The quantizer's view of real images: per scale, the squared distance of the encoder residual (after the hard
+    quantisation of the coarser scales) to every code, [(B, pn^2, V)], and the tokens `img_to_idxBl` gives [(B, pn^2)]."""
+    dists = []
+    idx_ls = vae.quantize.f_to_idxBl_or_fhat(vae.quant_conv(vae.encoder(img_B3HW)), to_fhat=False, dists_out=dists)
+    return dists, idx_ls
+
+
+def entropy(probs_BlV: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of rows of probabilities."""
+    return -(probs_BlV * probs_BlV.clamp_min(1e-30).log()).sum(-1).mean()
+
+
+def match_temperature(d_NV: torch.Tensor, target: float, stat=entropy, lo=1e-6, hi=1e3, iters=60) -> float:
+    """The temperature T at which stat(softmax(-d / T)) equals `target`, for a stat that grows with T (the mean
+    entropy by default); bisection in log T."""
+    for _ in range(iters):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if stat((-d_NV / mid).softmax(-1)) < target else (lo, mid)
+    return (lo * hi) ** 0.5
+
+
+def disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, decode, tau, real_probs=None):
+    """AID-VAR's discriminator inputs: fake (context prefix one-hot + relaxed guided scale k, differentiable) and real
+    (ground-truth prefix one-hot + scale k: `real_probs[k]` if given, the paper's soft-decoded reals, else one-hot)
+    cumulative images of scales 0..k.
 
     logits_BLV: guided logits of every scale; ctx_idx / gt_idx: per-scale context / ground-truth tokens (B, pn^2).
     scales: (B,) scale index k >= 1 per sample ('random') or None for every k >= 1 for every sample ('all').
+    real_probs: optional per-scale soft labels of the real images [(B, pn^2, V)] (`real_soft_labels`).
     Returns fake (N,3,H,W), real (N,3,H,W), labels (N,), grouped by k.
     """
     vae, B, SN = var.vae, labels_B.shape[0], len(var.patch_nums)
@@ -80,6 +108,33 @@ def disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, decode, tau)
         probs = relax(logits_BLV[sel, bg:ed], decode, tau)
         fakes.append(decode_mixed(vae, [c[sel] for c in ctx_idx[:k]], probs))
         with torch.no_grad():
-            reals.append(vae.idxBl_to_img([g[sel] for g in gt_idx[:k + 1]], last_one=True))
+            if real_probs is None:
+                reals.append(vae.idxBl_to_img([g[sel] for g in gt_idx[:k + 1]], last_one=True))
+            else:
+                reals.append(decode_mixed(vae, [g[sel] for g in gt_idx[:k]], real_probs[k][sel].to(probs.dtype)))
         labs.append(labels_B[sel])
     return torch.cat(fakes), torch.cat(reals), torch.cat(labs)
+
+
+@torch.no_grad()
+def real_soft_labels(vae, img_B3HW, temps):
+    """Soft labels of real images (paper §3.2): per scale, softmax(-|residual - code|^2 / T_k) over the codebook.
+    Returns (probs [(B, pn^2, V)], ground-truth tokens [(B, pn^2)])."""
+    dists, idx_ls = residual_sq_dists(vae, img_B3HW)
+    return [(-d / t).softmax(-1) for d, t in zip(dists, temps)], idx_ls
+
+
+REAL_MATCH = ('entropy', 'norm')
+
+
+@torch.no_grad()
+def matched_real_temperatures(var, img_B3HW, labels_B, decode_tau=1.0, match='entropy'):
+    """Per-scale temperatures at which the real soft labels are as soft as the frozen VAR's teacher-forced
+    probabilities softmax(logits / decode_tau) on the same images: the same mean entropy ('entropy'), or the same
+    mean norm of the expected code ('norm': as blurred in code space)."""
+    dists, idx_ls = residual_sq_dists(var.vae, img_B3HW)
+    logits_BLV = var(labels_B, var.vae.quantize.idxBl_to_var_input(idx_ls)).float()
+    E_VC = var.vae.quantize.embedding.weight.float()
+    stat = entropy if match == 'entropy' else lambda p: -(p @ E_VC).norm(dim=-1).mean()
+    return [match_temperature(d.reshape(-1, d.shape[-1]), stat((logits_BLV[:, bg:ed] / decode_tau).softmax(-1)).item(), stat)
+            for d, (bg, ed) in zip(dists, var.begin_ends)]

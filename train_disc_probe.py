@@ -18,28 +18,30 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import models
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument('--depth', type=int, default=None, help='16/20/24/30: official VAR-d{depth}; default: tiny preset')
-p.add_argument('--data_path', type=str, default=None)
-p.add_argument('--ckpt_dir', type=str, default='checkpoints')
-p.add_argument('--dino_ckpt', type=str, default=None)
+p.add_argument('--data_path', type=str, default=None, help='ImageNet root with train/ (real models only)')
+p.add_argument('--ckpt_dir', type=str, default='checkpoints', help='folder of the official VAR / VQ-VAE checkpoints (real models)')
+p.add_argument('--dino_ckpt', type=str, default=None, help='local DINO ViT-S/16 weights (else the HF hub cache)')
 p.add_argument('--random_init', action='store_true', help='random weights (tests)')
-p.add_argument('--space', choices=['rgb', 'latent'], default='rgb')
-p.add_argument('--steps', type=int, default=200)
-p.add_argument('--batch_size', type=int, default=16)
-p.add_argument('--lr_d', type=float, default=2e-3)
-p.add_argument('--disc_norm', choices=list(models.DISC_NORMS), default='bn', help="D heads' norm (as train_injector.py)")
-p.add_argument('--disc_aug', choices=['diffaug', 'none'], default='diffaug', help='DiffAugment in D (as train_injector.py)')
-p.add_argument('--cfg', type=float, default=1.5)
+p.add_argument('--space', choices=['rgb', 'latent'], default='rgb',
+               help='D on soft-decoded RGB (the projected D of AID-VAR) or directly on the VQ-VAE latent f_hat')
+p.add_argument('--steps', type=int, default=200, help='D steps')
+p.add_argument('--batch_size', type=int, default=16, help='real and fake images per step (each)')
+p.add_argument('--lr_d', type=float, default=2e-3, help='D learning rate (AdamW)')
+p.add_argument('--disc_norm', choices=list(models.DISC_NORMS), default=None,
+               help="D heads' norm (default as train_injector.py: bn for the real models, none for the tiny preset)")
+p.add_argument('--disc_aug', choices=list(models.DISC_AUGS), default=None,
+               help='DiffAugment in D (default as train_injector.py: diffaug for the real models, none for the tiny preset)')
+p.add_argument('--cfg', type=float, default=1.5, help='CFG of the frozen-VAR samples')
 p.add_argument('--top_k', type=int, default=None, help='default: 900 for real models, 0 for tiny')
 p.add_argument('--top_p', type=float, default=None, help='default: 0.96 for real models, 0 for tiny')
-p.add_argument('--out_dir', type=str, default='runs/disc_probe')
-p.add_argument('--seed', type=int, default=0)
-p.add_argument('--n_tiny', type=int, default=20000)
+p.add_argument('--out_dir', type=str, default='runs/disc_probe', help='CSV, plot and D heads go here')
+p.add_argument('--seed', type=int, default=0, help='weights, data order and samples')
+p.add_argument('--n_tiny', type=int, default=20000, help='tiny preset: number of training shapes')
 
 
 class LatentDiscriminator(nn.Module):
@@ -83,6 +85,8 @@ def plot_curves(rows, SN, path):
 
 def main(argv=None):
     args = p.parse_args(argv)
+    norm, aug = models.DISC_DEFAULTS['tiny' if args.depth is None else 'real']
+    args.disc_norm, args.disc_aug = args.disc_norm or norm, args.disc_aug or aug
     real_model = args.depth is not None
     top_k = args.top_k if args.top_k is not None else (900 if real_model else 0)
     top_p = args.top_p if args.top_p is not None else (0.96 if real_model else 0.0)
@@ -101,7 +105,7 @@ def main(argv=None):
         else:
             backbone = models.load_featnet() if not real_model else models.build_backbone_dino(ckpt=args.dino_ckpt)
         D = models.ProjectedDiscriminator(backbone, num_classes=var.num_classes, norm=args.disc_norm,
-                                          diffaug=args.disc_aug == 'diffaug').to(device)
+                                          diffaug=args.disc_aug).to(device)
         params = list(D.head_parameters())
     else:
         D = LatentDiscriminator(var.Cvae, var.num_classes, norm=args.disc_norm).to(device)
@@ -112,7 +116,7 @@ def main(argv=None):
                                          generator=torch.Generator().manual_seed(args.seed))
     rows, step = [], 0
     D.train()
-    with tqdm(total=args.steps, desc=f'D probe ({args.space})', dynamic_ncols=True) as bar:
+    with models.progress(total=args.steps, desc=f'D probe ({args.space})', dynamic_ncols=True) as bar:
         while step < args.steps:
             for img_B3HW, labels_B in loader:
                 if step >= args.steps:
@@ -137,9 +141,9 @@ def main(argv=None):
                     rows.append(dict(step=step, scale=k, acc_real=(out_r[k] > 0).float().mean().item(),
                                      acc_fake=(out_f[k] < 0).float().mean().item(), loss_D=loss_k[k].item()))
                 last = rows[-SN:]
-                bar.update(1)
                 bar.set_postfix(loss=f'{loss.item():.3f}', acc_r=f'{sum(r["acc_real"] for r in last) / SN:.2f}',
-                                acc_f=f'{sum(r["acc_fake"] for r in last) / SN:.2f}')
+                                acc_f=f'{sum(r["acc_fake"] for r in last) / SN:.2f}', refresh=False)
+                bar.update(1)
     with open(out_dir / f'probe_{args.space}.csv', 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

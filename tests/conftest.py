@@ -13,19 +13,19 @@ import torch  # noqa: E402
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-FIXTURES = REPO.parent / 'shared' / 'fixtures'
+FIXTURES = REPO / 'tests' / 'fixtures'  # vendored: a clone needs nothing beside it (tests/fixtures/README.md)
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope='session')
 def fixtures_dir():
     if not FIXTURES.is_dir():
-        pytest.fail(f'fixtures not found at {FIXTURES}: the shared/ folder must sit beside the repo')
+        pytest.fail(f'fixtures not found at {FIXTURES}: they are part of the repository (restore tests/fixtures/)')
     return FIXTURES
 
 
 def fixture_module(name):
-    """Imports a Python file of ../shared/fixtures (the deterministic weight rules) by name."""
+    """Imports a Python file of tests/fixtures (the deterministic weight rules) by name."""
     spec = importlib.util.spec_from_file_location(name, FIXTURES / f'{name}.py')
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

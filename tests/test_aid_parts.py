@@ -237,7 +237,7 @@ def test_dino_missing_weights_message(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         build_backbone_dino(ckpt=missing)
     msg = str(e.value.code)
-    assert 'vit_small_patch16_224.dino' in msg and str(missing) in msg and 'huggingface-cli' in msg
+    assert 'vit_small_patch16_224.dino' in msg and str(missing) in msg and 'hf download' in msg
     with pytest.raises(SystemExit) as e:
         build_backbone_dino(pretrained=True, cache_dir=tmp_path / 'empty_cache')
     msg = str(e.value.code)

@@ -1,4 +1,4 @@
-"""FID / IS / precision-recall library: parity with shared/fixtures (README_fid_metrics.md)."""
+"""FID / IS / precision-recall library: parity with tests/fixtures (README_fid_metrics.md)."""
 import json
 import shutil
 
@@ -20,6 +20,10 @@ ATOL_F64 = 1e-14
 # float32 vs outputs_f32: measured 1.5e-8 (pool3) / 2.2e-8 (logits) / 1.5e-8 (stage means).
 ATOL_F32_HEAD = 5e-8
 ATOL_F32_EARLY = 1e-7
+# The fixture was made with pytorch-fid's preprocessing (F.interpolate bilinear, 2x - 1). evaluate.py's FID uses
+# the ADM evaluator's (TF1 legacy bilinear resize, (v - 128) / 128; test_fid_matches_torch_fidelity below), so the
+# parity tests of the network pass pipeline='pytorch-fid' explicitly: they compare the network, not the resize.
+FIXTURE_PIPELINE = 'pytorch-fid'
 
 
 @pytest.fixture(scope='module')
@@ -49,14 +53,14 @@ def taps_f64(rule_model, parity):
     model.load_state_dict(rule_model.state_dict())
     model = model.double()
     with torch.no_grad():
-        x = preprocess_uint8(parity['images_uint8_nhwc'], dtype=torch.float64)
+        x = preprocess_uint8(parity['images_uint8_nhwc'], dtype=torch.float64, pipeline=FIXTURE_PIPELINE)
         return x, model.forward_taps(x)
 
 
 @pytest.fixture(scope='module')
 def taps_f32(rule_model, parity):
     with torch.no_grad():
-        return rule_model.forward_taps(preprocess_uint8(parity['images_uint8_nhwc']))
+        return rule_model.forward_taps(preprocess_uint8(parity['images_uint8_nhwc'], pipeline=FIXTURE_PIPELINE))
 
 
 def _maxabs(a, b):
@@ -109,7 +113,7 @@ def test_preprocess_parity(parity, taps_f64):
     assert _maxabs(x.mean((2, 3)), pre['input299_channel_mean_f64']) <= ATOL_F64
     assert _maxabs(x[:, :, :8, :8], pre['input299_patch_tl8_f64']) <= ATOL_F64
     assert _maxabs(x[:, :, 145:153, 145:153], pre['input299_patch_c8_f64']) <= ATOL_F64
-    x32 = preprocess_uint8(torch.from_numpy(parity['images_uint8_nhwc'].numpy()))
+    x32 = preprocess_uint8(torch.from_numpy(parity['images_uint8_nhwc'].numpy()), pipeline=FIXTURE_PIPELINE)
     # float32 resize computes source coordinates in float32 (~1.5e-5 px at 256 -> 299): ~1e-5 off.
     assert x32.dtype == torch.float32 and _maxabs(x32, x) < 1e-4
 
@@ -119,6 +123,8 @@ def test_preprocess_rejects_bad_input():
         preprocess_uint8(np.zeros((1, 8, 8, 3), dtype=np.float32))
     with pytest.raises(ValueError):
         preprocess_uint8(np.zeros((1, 3, 8, 8), dtype=np.uint8))
+    with pytest.raises(ValueError, match='pipeline'):
+        preprocess_uint8(np.zeros((1, 8, 8, 3), dtype=np.uint8), pipeline='clean-fid')
 
 
 def _check_outputs(taps, expected, atol_head, atol_early):
@@ -152,11 +158,96 @@ def test_inception_parity_float32(parity, taps_f32):
 def test_inception_features_batched(parity, rule_model):
     # float32 keeps this cheap; the float64 path is covered by the parity test above.
     images = parity['images_uint8_nhwc'].numpy()
-    pool3, logits = inception_features(images, rule_model, batch_size=3, progress=False)  # 3 + 1: remainder
+    pool3, logits = inception_features(images, rule_model, batch_size=3, progress=False,  # 3 + 1: remainder
+                                       pipeline=FIXTURE_PIPELINE)
     assert pool3.dtype == logits.dtype == np.float64
     assert pool3.shape == (4, 2048) and logits.shape == (4, 1008)
     assert _maxabs(pool3, parity['outputs_f32']['pool3']) <= ATOL_F32_HEAD
     assert _maxabs(logits, parity['outputs_f32']['logits_nobias']) <= ATOL_F32_HEAD
+
+
+# ----------------------------------------------------------------------------- ADM / TF1 preprocessing
+
+FIDELITY_FEATURES = ('64', '192', '768', '2048', 'logits_unbiased', 'logits')
+OUR_TAPS = ('feat64', 'feat192', 'feat768', 'pool3', 'logits_nobias', 'logits')
+
+
+def _torch_fidelity_extractor(state_dict, tmp_path, dtype_name):
+    """torch-fidelity's InceptionV3 (TF1 resize, (v - 128) / 128) loading our weights from a local file, strictly:
+    no download (feature_extractor_weights_path), the same key names as pytorch-fid's file."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    path = tmp_path / f'weights_{dtype_name}.pth'
+    torch.save(state_dict, path)
+    return FeatureExtractorInceptionV3('inception-v3-compat', list(FIDELITY_FEATURES),
+                                       feature_extractor_weights_path=str(path),
+                                       feature_extractor_internal_dtype=dtype_name)
+
+
+@pytest.mark.parametrize('weights', ['rule', 'random'])
+def test_fid_features_match_torch_fidelity(parity, rule_model, tmp_path, weights):
+    """evaluate.py's FID / IS features (default pipeline 'adm') == torch-fidelity's on the same images and weights.
+    float32: bit-identical; float64: torch-fidelity rounds its outputs to float32, so within a few float32 ulps.
+    'rule': the fixture's deterministic weights (feat64 / feat192 resolve the resize, see README_fid_metrics.md);
+    'random': torch's seeded default init, whose signal reaches pool3 (the real weights cannot be downloaded)."""
+    if weights == 'rule':
+        sd = rule_model.state_dict()
+    else:
+        torch.manual_seed(0)
+        sd = FIDInceptionV3().state_dict()  # init_weights=False: PyTorch's default layer init
+    images = parity['images_uint8_nhwc']
+    wants = {}
+    for dtype, name in ((torch.float32, 'float32'), (torch.float64, 'float64')):
+        theirs = _torch_fidelity_extractor(sd, tmp_path, name)
+        ours = FIDInceptionV3().eval().requires_grad_(False)
+        ours.load_state_dict(sd)
+        ours = ours.to(dtype)
+        with torch.no_grad():
+            want = wants[name] = dict(zip(OUR_TAPS, theirs(images.permute(0, 3, 1, 2).contiguous())))
+            taps = ours.forward_taps(preprocess_uint8(images, dtype=dtype))
+        for key in OUR_TAPS:
+            got = taps[key].float()
+            if dtype == torch.float32:
+                assert torch.equal(got, want[key]), (weights, name, key, _maxabs(got, want[key]))
+            else:
+                # a few float32 ulps (measured <= 4), far below what a different resize changes (>= 5e-5 relative)
+                tol = 1e-6 * want[key].abs().max().item()
+                assert _maxabs(got, want[key]) <= tol, (weights, name, key, _maxabs(got, want[key]), tol)
+    if weights == 'random':  # and the batched path that evaluate.py runs
+        model = FIDInceptionV3().eval().requires_grad_(False)
+        model.load_state_dict(sd)
+        # one batch of 4 as above: the fc matmul's last bits depend on the batch size
+        pool3, logits = inception_features(images.numpy(), model, batch_size=4, progress=False)
+        assert np.array_equal(pool3, wants['float32']['pool3'].double().numpy())
+        assert np.array_equal(logits, wants['float32']['logits_nobias'].double().numpy())
+
+
+def test_adm_resize_is_the_tf1_rule(parity, taps_f64):
+    """The 'adm' pipeline against the fixture's own, independent TF1 legacy-bilinear emulation: switching the fixture's
+    pytorch-fid preprocessing to it moves the input and the features by the amounts the fixture recorded for
+    'tf1_legacy_bilinear' (to 1e-4 relative; the next variant, (v - 128) / 128 alone, is 1.4% away in feat64)."""
+    x_fid, taps_fid = taps_f64
+    images = parity['images_uint8_nhwc']
+    x_adm = preprocess_uint8(images, dtype=torch.float64)
+    # TF1 legacy ResizeBilinear by hand at a few pixels: source = dest * in / out, floor, lerp, clamp at the edge
+    img = images.permute(0, 3, 1, 2).double()
+    scale = 256 / 299
+    for oy, ox in ((0, 0), (1, 7), (150, 151), (298, 298), (297, 5)):
+        sy, sx = oy * scale, ox * scale
+        y0, x0 = int(sy), int(sx)
+        y1, x1 = min(y0 + 1, 255), min(x0 + 1, 255)
+        dy, dx = sy - y0, sx - x0
+        top = img[..., y0, x0] + (img[..., y0, x1] - img[..., y0, x0]) * dx
+        bot = img[..., y1, x0] + (img[..., y1, x1] - img[..., y1, x0]) * dx
+        want = (top + (bot - top) * dy - 128) / 128
+        assert _maxabs(x_adm[..., oy, ox], want) < 1e-5, (oy, ox)
+    sens = parity['preprocess_variant_sensitivity_maxabs_f64']['tf1_legacy_bilinear']
+    model = FIDInceptionV3().eval().requires_grad_(False)
+    model.load_state_dict(fixture_module('weight_rule_inception').apply_rule(FIDInceptionV3()).state_dict())
+    with torch.no_grad():
+        taps_adm = model.double().forward_taps(x_adm)
+    assert _maxabs(x_adm, x_fid) == pytest.approx(sens['input299'], rel=1e-4)
+    for key in ('feat64', 'feat192', 'feat768'):
+        assert _maxabs(taps_adm[key], taps_fid[key]) == pytest.approx(sens[key], rel=1e-4), key
 
 
 # ----------------------------------------------------------------------------- loader

@@ -12,7 +12,7 @@ from conftest import REPO
 
 FEW = ['--n_train', '48', '--n_val', '20', '--fn_n_train', '64', '--vae_steps', '3', '--vae_bs', '4',
        '--dead_window', '2', '--var_steps', '3', '--var_bs', '8', '--var_eval_every', '2', '--fn_steps', '3',
-       '--fn_bs', '8']
+       '--fn_bs', '8', '--score_n', '20']
 
 
 def test_pretrain_all_stages_write_loadable_files(tmp_path):
@@ -36,3 +36,29 @@ def test_pretrain_all_stages_write_loadable_files(tmp_path):
     # the VAR's sample grid was scored by the finished feature network, against this VAR file
     assert 0.0 <= manifest['tiny_featnet.pt']['metrics']['var_sample_acc'] <= 1.0
     assert (out / 'pretrain_samples.png').is_file() and (out / 'pretrain_vae_recon.png').is_file()
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """A run stopped mid-stage (mid-VQ-VAE, mid-VAR, and right at the VAR's last step) and continued with --resume
+    ends with exactly the weights of an uninterrupted run; finished stages are not retrained."""
+    run = lambda out, *extra: subprocess.run(
+        [sys.executable, 'pretrain_tiny.py', '--out_dir', str(out), '--serial', '--var_ema', '0.9', *FEW, *extra],
+        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=600)
+    r = run(tmp_path / 'a')
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    logs = []
+    for extra in (['--stop_after', '2'], ['--resume', '--stop_after', '2'], ['--resume', '--stop_after', '2'],
+                  ['--resume']):  # vae 0-2 | vae 2-3, var 0-1 | var 1-3 (stops after its last step) | featnet
+        r = run(tmp_path / 'b', *extra)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        logs.append(r.stdout)
+    assert 'stopped at step 2' in logs[0] and '[vae] resuming at step 2' in logs[1]
+    assert '[var] resuming at step 1' in logs[2] and 'stopped at step 3' in logs[2]
+    assert '[var] resuming at step 3' in logs[3] and '[vae] finished in an earlier session' in logs[3]
+    for name in ('vae', 'var', 'featnet'):
+        sd_a, sd_b = (models.load_state_dict_file(d / models.TINY_FILES[name]) for d in (tmp_path / 'a', tmp_path / 'b'))
+        assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a), name
+    man_a, man_b = (json.loads((d / 'MANIFEST.json').read_text()) for d in (tmp_path / 'a', tmp_path / 'b'))
+    for f in ('tiny_vae.pt', 'tiny_var.pt', 'tiny_featnet.pt'):
+        assert man_a[f]['metrics'] == man_b[f]['metrics']
+        assert man_a[f]['command'].replace(str(tmp_path / 'a'), '') == man_b[f]['command'].replace(str(tmp_path / 'b'), '')

@@ -107,13 +107,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path, monkey
     calls = {'n': 0}
     guided = ti.guided_logits
 
-    def poisoned(*a, **kw):  # the second step's guided logits are NaN
+    def poisoned(*a, **kw):  # the second step's guided logits are NaN (teacher context: one call per step)
         calls['n'] += 1
         logits, g = guided(*a, **kw)
         return (logits * float('nan') if calls['n'] == 2 else logits), g
     monkeypatch.setattr(ti, 'guided_logits', poisoned)
     with pytest.raises(SystemExit) as e:
-        ti.main(FAST + ['--max_steps', '5', '--ckpt_every', '1', '--out_dir', str(tmp_path)])
+        ti.main(FAST + ['--max_steps', '5', '--ckpt_every', '1', '--context', 'teacher', '--out_dir', str(tmp_path)])
     msg = str(e.value)
     assert 'step 2' in msg and 'loss_D = nan' in msg and 'last.pt (step 1)' in msg
     ck = torch.load(tmp_path / 'last.pt', weights_only=False)
@@ -155,8 +155,37 @@ def test_disc_probe_logs_every_scale_and_saves_heads(tmp_path, space):
     if space == 'rgb':  # usable as train_injector.py --disc_ckpt
         out = ti.main(FAST + ['--max_steps', '1', '--disc_ckpt', str(heads), '--out_dir', str(tmp_path / 'inj'), '--r1_gamma', '0'])
         assert out['G'] is not None
-        with pytest.raises(SystemExit, match='holds heads with --disc_norm bn'):  # heads without norms differ
-            ti.main(FAST + ['--max_steps', '1', '--disc_ckpt', str(heads), '--disc_norm', 'none', '--out_dir', str(tmp_path / 'inj2')])
+        with pytest.raises(SystemExit, match='holds heads with --disc_norm none'):  # heads with norms differ
+            ti.main(FAST + ['--max_steps', '1', '--disc_ckpt', str(heads), '--disc_norm', 'bn', '--out_dir', str(tmp_path / 'inj2')])
     else:
         with pytest.raises(SystemExit, match='latent-space heads'):
             ti.main(FAST + ['--max_steps', '1', '--disc_ckpt', str(heads), '--out_dir', str(tmp_path / 'inj')])
+
+
+@pytest.mark.parametrize('where', ['teacher', 'sampler'])
+def test_small_guidance_survives_bf16_autocast(parts, where):
+    """w * g at w = 0.001 reaches the first VAR block with <= 1% relative error under bf16 autocast."""
+    vae, var, D, G, idx, labels = parts
+    w, B = 0.001, labels.shape[0]
+    torch.manual_seed(3)
+    g_BLC = torch.randn(B, var.L, var.C)
+    g_BLC[:, :var.first_l] = 0
+    seen = []
+    hook = var.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
+    try:
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            if where == 'teacher':
+                x_BLCv = vae.quantize.idxBl_to_var_input(idx)
+                var.forward_hidden(labels, x_BLCv)
+                var.forward_hidden(labels, x_BLCv, input_add_BLC=w * g_BLC.bfloat16())
+                got, want = seen[1] - seen[0], w * g_BLC.bfloat16().double()
+            else:  # scale 1 of the KV-cached sampler; the hook returns bf16, as an injector under autocast does
+                g1 = g_BLC[:, slice(*var.begin_ends[1])].bfloat16()
+                for hook_fn in (None, lambda si, prev: g1 if si == 1 else None):
+                    var.autoregressive_infer_cfg(B, labels, g_seed=0, cfg=1.5, guidance_hook=hook_fn, guidance_w=w)
+                n1 = len(seen) // 2  # the same number of block calls per run; scale 1 is the second call
+                got, want = (seen[n1 + 1] - seen[1])[:B], w * g1.double()
+    finally:
+        hook.remove()
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel <= 0.01, rel

@@ -1,4 +1,4 @@
-"""Checkpoint-exactness of our VQVAE / VAR against the official implementation (../shared/fixtures)."""
+"""Checkpoint-exactness of our VQVAE / VAR against the official implementation (tests/fixtures)."""
 import json
 
 import pytest

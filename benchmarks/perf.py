@@ -1,0 +1,56 @@
+"""Shared by the benchmarks (a module, not a script): model FLOPs, the machine's own large-matmul rate, timing.
+
+Model FLOPs are counted with torch.utils.flop_counter (matmuls, convolutions, attention; no element-wise ops),
+with the CPU's fused attention kernel added: the counter knows the GPU's attention kernels but not
+`_scaled_dot_product_flash_attention_for_cpu`, so on the CPU it would silently count attention as 0.
+"""
+import statistics
+import time
+
+import torch
+from torch.utils import flop_counter
+
+_CPU_ATTENTION = {}  # op -> FLOPs from the shapes of its tensor arguments (FlopCounterMode passes shapes)
+for _name, _formula in (
+        ('_scaled_dot_product_flash_attention_for_cpu',
+         lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v)),
+        ('_scaled_dot_product_flash_attention_for_cpu_backward',
+         lambda grad_out, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(grad_out, q, k, v))):
+    _op = getattr(torch.ops.aten, _name, None)
+    if _op is not None:
+        _CPU_ATTENTION[_op] = _formula
+
+
+def count_flops(fn):
+    """Runs fn() once under the FLOP counter. Returns (fn's result, FLOPs)."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as fc:
+        out = fn()
+    return out, fc.get_total_flops()
+
+
+def sync(device):
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """(wall seconds, CPU seconds of this process) of one fn() call; waits for the GPU before and after."""
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def matmul_rate(device, dtype, n, reps=3):
+    """FLOP/s of an n x n x n matrix product on random data (median of reps after a warm-up), as
+    {'wall': FLOP/s, 'cpu': FLOP per CPU-second of this process}. The CPU figure is the one to compare with on a
+    shared CPU: time slices lost to other processes do not count against it."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    for _ in range(3 if torch.device(device).type == 'cuda' else 1):  # warm-up (cuBLAS handles, clocks)
+        a @ b
+    flop = 2 * n ** 3
+    ts = [timed(lambda: a @ b, device) for _ in range(reps)]
+    return dict(wall=flop / statistics.median(t for t, _ in ts), cpu=flop / max(statistics.median(c for _, c in ts), 1e-9))

@@ -1,0 +1,230 @@
+"""Positive control: plant a known systematic error in the frozen tiny VAR, train an injector, measure what is removed.
+
+For every planted error (models.plant_error: 'shift' moves every token feature of scales >= 1 by a fixed delta,
+'logit' biases the head's logits of scales >= 1 toward one kind of code) and every arm (CE only, adversarial only,
+the paper's loss), train_injector.py --plant trains an injector with the preset's defaults and 3 seeds; then
+- the planted statistic's residual on 256 held-out shapes (teacher-forced, scales >= 1; 1 = untouched, 0 = removed):
+    shift: |mean(w g) + delta| / |delta|;
+    logit: |mean(guided planted VAR's logits - clean VAR's logits, centred over the vocabulary)| / |b|;
+- the share of the clean-vs-planted FID gap the guided samples close, (FID_planted - FID_guided) / (FID_planted -
+  FID_clean), all three from the same labels and seeds (sample.py --seed, paired), scored by evaluate.py.
+A pipeline whose adversarial signal corrects errors passes: adversarial-only and the paper's loss close >= 50% of
+the gap in every seed, for both errors, and never widen it. Finished runs are reused (the experiment resumes).
+Writes benchmarks/results/positive_control.{md,json}.
+
+--data self isolates D's signal from the VAR's own errors: the "real" data are 5,000 samples of the clean VAR
+(so a perfect correction makes the planted VAR's samples indistinguishable from the data), FID is taken against
+2,000 other clean samples, and a second FID comes from a small CNN classifier trained here on shapes, a network D
+has never seen (on the tiny preset D's backbone is also the FID network, which D could learn to please).
+
+    python benchmarks/positive_control.py                        # the README table
+    python benchmarks/positive_control.py --plants shift --arms adv --seeds 0 --steps 60    # a quick look
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import iscs  # noqa: E402
+import models  # noqa: E402
+
+ARMS = {'ce': ['--lambda_adv', '0'], 'adv': ['--lambda_rec', '0'], 'paper': []}
+ARM_NAMES = {'ce': 'CE only', 'adv': 'adversarial only', 'paper': 'paper loss (adv + 0.01 CE)'}
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument('--plants', nargs='+', default=list(models.PLANT_STRENGTH), choices=list(models.PLANT_STRENGTH))
+p.add_argument('--arms', nargs='+', default=list(ARMS), choices=list(ARMS))
+p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='training seeds')
+p.add_argument('--steps', type=int, default=None, help='training steps (default: train_injector.py default)')
+p.add_argument('--train_args', type=str, default='', help='extra train_injector.py flags for every run')
+p.add_argument('--n_per_class', type=int, default=100, help='paired samples per class (10 classes)')
+p.add_argument('--sample_seed', type=int, default=4321, help='sampling seed, never used for training')
+p.add_argument('--jobs', type=int, default=2, help='runs in parallel (one thread each)')
+p.add_argument('--data', choices=['real', 'self'], default='real', help='train on real shapes or on the clean VAR\'s samples')
+p.add_argument('--out_dir', type=str, default=None, help='default: runs/positive_control[_self]')
+p.add_argument('--results', type=str, default=None,
+               help='writes RESULTS.md and RESULTS.json (default: benchmarks/results/positive_control[_self])')
+
+
+def run(cmd, log):
+    """One script run, its output to a log file (parallel runs would interleave)."""
+    env = dict(os.environ)
+    env.setdefault('OMP_NUM_THREADS', '1')  # on small shared CPUs one thread per process is several times faster
+    print('$', ' '.join(cmd), '>', log, flush=True)
+    with open(log, 'a') as f:
+        r = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode:
+        raise SystemExit(f'failed (exit {r.returncode}): {" ".join(cmd)}; see {log}')
+
+
+def samples(out_dir, log, w, n_per_class, seed, flags=()):
+    """sample.py's npz for w in out_dir (sampled if missing)."""
+    npz = out_dir / f'samples_w{w:g}.npz'
+    if not npz.is_file():
+        run(['sample.py', '--w', str(w), '--num_per_class', str(n_per_class), '--seed', str(seed), '--out_dir', str(out_dir),
+             *flags], log)
+    return npz
+
+
+def fid_of(args, out_dir, log, w, sample_flags):
+    """FID (and class accuracy) of sample.py's file for w in out_dir, sampling and scoring it if needed."""
+    npz = samples(out_dir, log, w, args.n_per_class, args.sample_seed, sample_flags)
+    js = npz.with_suffix('.eval.json')
+    if not js.is_file():
+        ref = ['--ref', str(args.ref)] if args.ref else []
+        run(['evaluate.py', str(npz), '--no_iscs', '--json', str(js), *ref], log)
+    m = json.loads(js.read_text())['results'][0]['metrics']
+    out = dict(FID=m['FID'], class_acc=m.get('class_acc'))
+    if args.evalnet is not None:
+        out['FID_cnn'] = evalnet_fid(args.evalnet, npz, args.ref)
+    return out
+
+
+def evalnet(path):
+    """A small CNN shapes classifier (96% held-out accuracy), trained once (~10 min on one core) and cached: an
+    evaluation network that D never saw."""
+    import torch.nn as nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.GELU(), nn.Conv2d(32, 64, 3, 2, 1), nn.GELU(),
+                        nn.Conv2d(64, 128, 3, 2, 1), nn.GELU(), nn.Conv2d(128, 128, 3, 2, 1), nn.GELU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 10))
+    if path.is_file():
+        net.load_state_dict(torch.load(path, weights_only=True))
+        return net.eval()
+    img, lab = (torch.from_numpy(a) for a in models.make_shapes(30000, seed=5))
+    opt, steps = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=0.05), 1500
+    for s in models.progress(range(steps), desc='evaluation CNN'):
+        opt.param_groups[0]['lr'] = 1e-3 * (1 + math.cos(math.pi * s / steps))
+        i = torch.randint(len(img), (64,))
+        x = models.to_signed(img[i])
+        x = torch.where(torch.rand(64, 1, 1, 1) < 0.5, x.flip(-1), x)  # every class is mirror-symmetric
+        loss = torch.nn.functional.cross_entropy(net(x), lab[i], label_smoothing=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    models.atomic_save(net.state_dict(), path)
+    return net.eval()
+
+
+@torch.no_grad()
+def evalnet_fid(net, npz, ref_npz):
+    """FID of the CNN's penultimate features between two npz files of images."""
+    def stats(path):
+        with np.load(path) as f:
+            x = models.to_signed(torch.from_numpy(f['arr_0']))
+        return iscs.feature_stats(torch.cat([net[:-1](x[i:i + 500]) for i in range(0, len(x), 500)]).double().numpy())
+    return iscs.frechet_distance(*stats(npz), *stats(ref_npz))
+
+
+@torch.no_grad()
+def residual(plant, injector_path, n=256):
+    """The planted statistic's residual for a trained injector (1 = untouched, 0 = removed), on held-out shapes."""
+    _, clean = models.load_tiny()
+    _, var = models.load_tiny()
+    err = models.plant_error(var, plant)
+    injector, meta = models.load_injector(injector_path, var)
+    w, inject = meta['w_train'], meta['inject']
+    img, labels = models.make_shapes(n, seed=77)
+    img, labels = models.to_signed(torch.from_numpy(img)), torch.from_numpy(labels)
+    idx = var.vae.img_to_idxBl(img)
+    g_BLC = models.teacher_guidance(var, injector, idx)
+    if plant == 'shift':
+        wg_C = (w * g_BLC[:, var.first_l:]).mean((0, 1))
+        return ((wg_C + err).norm() / err.norm()).item()
+    x_BLCv = var.vae.quantize.idxBl_to_var_input(idx)
+    add = dict(input_add_BLC=w * g_BLC) if inject == 'input' else {}
+    h_BLC, cond_BD = var.forward_hidden(labels, x_BLCv, **add)
+    if inject == 'head':
+        h_BLC = h_BLC + w * g_BLC
+    diff_BlV = (var.get_logits(h_BLC, cond_BD) - clean(labels, x_BLCv))[:, var.first_l:]
+    diff_V = (diff_BlV - diff_BlV.mean(-1, keepdim=True)).mean((0, 1))
+    return (diff_V.norm() / err.norm()).item()
+
+
+def one_run(args, plant, arm, seed, out):
+    run_dir = out / plant / f'{arm}_s{seed}'
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / 'control.log'
+    if not (run_dir / 'done').is_file():
+        steps = ['--max_steps', str(args.steps)] if args.steps else []
+        data = ['--data_path', str(args.train_npz)] if args.train_npz else []
+        run(['train_injector.py', '--plant', plant, '--seed', str(seed), '--out_dir', str(run_dir), '--sample_every', '0',
+             '--resume', 'auto', *data, *steps, *args.train_args.split(), *ARMS[arm]], log)
+        (run_dir / 'done').touch()
+    w = models.load_injector(run_dir / 'injector.pt', models.load_tiny()[1])[1]['w_train']
+    res = dict(residual=residual(plant, run_dir / 'injector.pt'), w=w)
+    res.update(fid_of(args, run_dir / 'samples', log, w, ['--plant', plant, '--injector', str(run_dir / 'injector.pt')]))
+    return res
+
+
+def fmt(vals, f='{:.2f}'):
+    return ' / '.join(f.format(v) for v in vals)
+
+
+def main():
+    args = p.parse_args()
+    suffix = '_self' if args.data == 'self' else ''
+    out = Path(args.out_dir or f'runs/positive_control{suffix}')
+    args.results = args.results or str(REPO / 'benchmarks' / 'results' / f'positive_control{suffix}')
+    args.train_npz = args.ref = args.evalnet = None
+    if args.data == 'self':  # the clean VAR's own samples: 5,000 to train on, 2,000 as the FID reference
+        out.mkdir(parents=True, exist_ok=True)
+        args.train_npz = samples(out / 'data', out / 'data.log', 0, 500, 11)
+        args.ref = samples(out / 'reference', out / 'data.log', 0, 200, 12)
+        args.evalnet = evalnet(out / 'evalnet.pt')
+    base = {}
+    for plant in args.plants:  # the paired reference points: clean and planted VAR, no injector
+        d = out / plant
+        d.mkdir(parents=True, exist_ok=True)
+        base[plant] = dict(clean=fid_of(args, d / 'clean', d / 'baseline.log', 0, []),
+                           planted=fid_of(args, d / 'planted', d / 'baseline.log', 0, ['--plant', plant]))
+    jobs = [(plant, arm, seed) for plant in args.plants for arm in args.arms for seed in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = dict(zip(jobs, pool.map(lambda j: one_run(args, *j, out), jobs)))
+    cnn = args.evalnet is not None
+    rows, lines = [], ['| planted error | arm | residual per seed | FID per seed | gap closed per seed |'
+                       + (' CNN FID per seed | CNN gap closed |' if cnn else '') + ' passes |',
+                       '| --- | --- | --- | --- | --- |' + (' --- | --- |' if cnn else '') + ' --- |']
+    for plant in args.plants:
+        b0 = base[plant]
+        clean, planted = b0['clean']['FID'], b0['planted']['FID']
+        for arm in args.arms:
+            rs = [runs[(plant, arm, s)] for s in args.seeds]
+            closed = [(planted - r['FID']) / (planted - clean) for r in rs]
+            ok = arm == 'ce' or all(c >= 0.5 for c in closed)
+            row = dict(plant=plant, arm=arm, seeds=args.seeds, w=rs[0]['w'], passes=ok, FID_clean=clean, FID_planted=planted,
+                       gap_closed=closed, **{k: [r[k] for r in rs] for k in rs[0] if k != 'w'})
+            cells = [f'{plant} (FID {clean:.1f} clean, {planted:.1f} planted)', ARM_NAMES[arm],
+                     f'{fmt(row["residual"])} (mean {statistics.mean(row["residual"]):.2f})', fmt(row['FID'], '{:.1f}'),
+                     fmt(closed, '{:.0%}')]
+            if cnn:
+                c0, c1 = b0['clean']['FID_cnn'], b0['planted']['FID_cnn']
+                row['gap_closed_cnn'] = [(c1 - f) / (c1 - c0) for f in row['FID_cnn']]
+                cells += [f'{fmt(row["FID_cnn"], "{:.1f}")} ({c0:.1f} clean, {c1:.1f} planted)', fmt(row['gap_closed_cnn'], '{:.0%}')]
+            cells.append('-' if arm == 'ce' else 'yes' if ok else 'no')
+            rows.append(row)
+            lines.append('| ' + ' | '.join(cells) + ' |')
+    table = '\n'.join(lines)
+    print(table)
+    res = Path(args.results)
+    res.parent.mkdir(parents=True, exist_ok=True)
+    header = (f'Positive control (`python benchmarks/{Path(__file__).name} {" ".join(sys.argv[1:])}`): data {args.data}, '
+              f'seeds {args.seeds}, {10 * args.n_per_class} paired samples (seed {args.sample_seed}), extra flags '
+              f'`{args.train_args or "none"}`.\n\n')
+    models.atomic_save(header + table + '\n', res.with_suffix('.md'))
+    models.atomic_save(json.dumps(dict(args={k: v for k, v in vars(args).items() if k != 'evalnet'}, rows=rows),
+                                  indent=1, default=str) + '\n', res.with_suffix('.json'))
+
+
+if __name__ == '__main__':
+    main()

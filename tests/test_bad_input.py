@@ -1,0 +1,212 @@
+"""Bad input gets one clear line and loses nothing (issue 13): train_injector.py's out_dir and --resume, sample.py's
+--w, --data_path on the tiny preset, evaluate.py's labels and truncated npz files, the hub when offline."""
+import json
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import models
+import sample
+import train_disc_probe
+import train_injector as ti
+
+FAST = ['--random_init', '--global_batch_size', '4', '--n_tiny', '64', '--sample_every', '0', '--num_workers', '0']
+SMALL = ['--random_init', '--cpu', '--classes', '3', '7', '--num_per_class', '2', '--batch_size', '2', '--seed', '5']
+
+
+def _one_line(e):
+    msg = str(e.value.code if hasattr(e.value, 'code') else e.value)
+    assert '\n' not in msg and len(msg) < 700, msg
+    return msg
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    """A finished 2-step run (checkpoint at every step)."""
+    out = tmp_path_factory.mktemp('run')
+    ti.main(FAST + ['--max_steps', '2', '--ckpt_every', '1', '--out_dir', str(out)])
+    return out
+
+
+# ----------------------------------------------------------------------------- train_injector.py: out_dir, --resume
+
+def test_fresh_run_into_an_earlier_run_is_refused(run_dir):
+    before = {f: (run_dir / f).read_bytes() for f in ('last.pt', 'injector.pt', 'log.jsonl')}
+    with pytest.raises(SystemExit) as e:
+        ti.main(FAST + ['--max_steps', '2', '--out_dir', str(run_dir)])
+    msg = _one_line(e)
+    assert '--resume auto' in msg and str(run_dir) in msg and 'last.pt' in msg
+    assert {f: (run_dir / f).read_bytes() for f in before} == before  # nothing overwritten
+
+
+@pytest.mark.parametrize('kind', ['truncated', 'garbage', 'missing', 'injector', 'state_dict', 'other_dict'])
+def test_bad_resume_file_is_one_clear_line(run_dir, tmp_path, kind):
+    path = tmp_path / f'{kind}.pt'
+    if kind == 'truncated':
+        path.write_bytes((run_dir / 'last.pt').read_bytes()[:4000])
+    elif kind == 'garbage':
+        path.write_bytes(b'this is not a checkpoint\n' * 10)
+    elif kind == 'injector':
+        path = run_dir / 'injector.pt'
+    elif kind == 'state_dict':
+        torch.save(torch.load(run_dir / 'injector.pt', weights_only=True)['state_dict'], path)
+    elif kind == 'other_dict':
+        torch.save({'step': 3, 'model': torch.zeros(2)}, path)
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as e:
+        ti.main(FAST + ['--max_steps', '3', '--resume', str(path), '--out_dir', str(out)])
+    msg = _one_line(e)
+    assert str(path) in msg and '--resume' in msg, msg
+    expect = {'truncated': 'not a readable checkpoint', 'garbage': 'not a readable checkpoint', 'missing': 'no such file',
+              'injector': 'injector file', 'state_dict': 'guidance injector', 'other_dict': 'not a training checkpoint'}
+    assert expect[kind] in msg, msg
+    assert not out.exists()  # refused before anything was written
+
+
+def test_resume_truncates_the_log_to_the_checkpoint(tmp_path, monkeypatch):
+    """A run killed after step 3 with its last checkpoint at step 2: the resumed log has each step once."""
+    calls = {'n': 0}
+    step = ti.train_step
+
+    def killed_at_4(*a, **kw):
+        calls['n'] += 1
+        if calls['n'] == 4:
+            raise KeyboardInterrupt
+        return step(*a, **kw)
+    monkeypatch.setattr(ti, 'train_step', killed_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        ti.main(FAST + ['--max_steps', '5', '--ckpt_every', '2', '--out_dir', str(tmp_path)])
+    monkeypatch.setattr(ti, 'train_step', step)
+    rows = [json.loads(l) for l in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in rows] == [1, 2, 3]
+    assert torch.load(tmp_path / 'last.pt', weights_only=True)['step'] == 2
+    ti.main(FAST + ['--max_steps', '4', '--ckpt_every', '2', '--out_dir', str(tmp_path), '--resume', 'auto'])
+    rows = [json.loads(l) for l in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in rows] == [1, 2, 3, 4]
+    config = json.loads((tmp_path / 'config.json').read_text())
+    assert config['start_step'] == 2 and config['resumed_from'] == str(tmp_path / 'last.pt')
+
+
+def test_truncate_log_drops_rows_after_the_step_and_half_lines(tmp_path):
+    log = tmp_path / 'log.jsonl'
+    log.write_text(''.join(json.dumps({'step': s, 'loss': 0.5}) + '\n' for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    ti.truncate_log(log, 2)
+    assert [json.loads(l)['step'] for l in log.read_text().splitlines()] == [1, 2]
+    ti.truncate_log(tmp_path / 'absent.jsonl', 2)  # no log yet: nothing to do
+
+
+# ----------------------------------------------------------------------------- --data_path on the tiny preset
+
+def test_data_path_on_the_tiny_preset_is_refused(tmp_path):
+    for main, argv in ((ti.main, FAST + ['--max_steps', '1', '--out_dir', str(tmp_path / 'a')]),
+                       (train_disc_probe.main, ['--random_init', '--steps', '1', '--out_dir', str(tmp_path / 'b')])):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ['--data_path', str(tmp_path)])
+        msg = _one_line(e)
+        assert '--data_path' in msg and '--depth' in msg
+
+
+# ----------------------------------------------------------------------------- sample.py --w
+
+@pytest.mark.parametrize('w', ['nan', 'inf'])
+def test_non_finite_w_is_refused_before_any_folder(tmp_path, w):
+    out = tmp_path / 'samples'
+    with pytest.raises(SystemExit) as e:
+        sample.main(SMALL + ['--w', '0', w, '--out_dir', str(out)])
+    msg = _one_line(e)
+    assert 'finite' in msg and w in msg
+    assert not out.exists()
+
+
+def test_negative_and_huge_w_warn_and_run(tmp_path, capsys):
+    written = sample.main(SMALL + ['--w', '-0.5', '5', '--out_dir', str(tmp_path)])
+    err = capsys.readouterr().err
+    assert 'warning: --w -0.5 is negative' in err
+    assert 'warning: --w 5 is' in err
+    assert set(written) == {-0.5, 5.0} and all(p.is_file() for p in written.values())
+
+
+# ----------------------------------------------------------------------------- evaluate.py
+
+def test_labels_outside_the_classes_are_refused(tmp_path):
+    path = tmp_path / 'bad_labels.npz'
+    np.savez(path, arr_0=np.zeros((8, 32, 32, 3), np.uint8), labels=np.array([0, 1, 2, 3, 4, 5, 12, -1]))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(path), '--random_init', '--cpu', '--cache_dir', str(tmp_path / 'cache')])
+    msg = _one_line(e)
+    assert str(path) in msg and 'outside the classes 0..9' in msg and '12' in msg and '-1' in msg
+
+
+def _npz_with_lying_header(path, rows_promised, rows_written):
+    """An npz whose arr_0 header promises more rows than the member holds (a truncated write)."""
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as zf:
+        with zf.open('arr_0.npy', 'w') as f:
+            np.lib.format.write_array_header_1_0(f, {'descr': '|u1', 'fortran_order': False,
+                                                     'shape': (rows_promised, 32, 32, 3)})
+            f.write(np.zeros((rows_written, 32, 32, 3), np.uint8).tobytes())
+        with zf.open('labels.npy', 'w') as f:  # a member after it: a memmap would read its bytes as pixels
+            np.lib.format.write_array(f, np.arange(rows_promised) % 10)
+
+
+def test_npz_header_promising_more_rows_than_the_file_holds(tmp_path):
+    path = tmp_path / 'truncated.npz'
+    _npz_with_lying_header(path, 100, 8)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(path), '--random_init', '--cpu', '--cache_dir', str(tmp_path / 'cache')])
+    msg = _one_line(e)
+    assert str(path) in msg and 'truncated' in msg and '(100, 32, 32, 3)' in msg and '8 of 100 rows' in msg
+
+
+# ----------------------------------------------------------------------------- the hub, offline without HF_HUB_OFFLINE
+
+@pytest.fixture
+def no_network(monkeypatch):
+    import socket
+
+    import huggingface_hub
+
+    def refused(*a, **kw):
+        raise OSError('[Errno 101] Network is unreachable')
+
+    def no_download(*a, **kw):
+        raise AssertionError('hf_hub_download was called although the hub is unreachable')
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    monkeypatch.setattr(socket, 'create_connection', refused)
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', no_download)
+
+
+def test_offline_checkpoint_fails_fast_with_current_advice(tmp_path, no_network):
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        models.find_checkpoint('var_d16.pth', tmp_path)
+    assert time.perf_counter() - t0 < 2
+    msg = _one_line(e)
+    assert 'hf download FoundationVision/var var_d16.pth' in msg and 'huggingface-cli' not in msg
+    assert 'HF_HUB_OFFLINE=1' in msg and 'Network is unreachable' in msg
+
+
+def test_offline_dino_fails_fast_with_current_advice(tmp_path, no_network):
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        models.build_backbone_dino(cache_dir=tmp_path)
+    assert time.perf_counter() - t0 < 5  # timm import included
+    msg = _one_line(e)
+    assert 'hf download timm/vit_small_patch16_224.dino' in msg and 'huggingface-cli' not in msg
+    assert 'HF_HUB_OFFLINE=1' in msg
+
+
+def test_hub_check_gives_up_after_its_timeout(monkeypatch):
+    import socket
+
+    def hangs(*a, **kw):  # a black-holed connection (or a name lookup that never answers)
+        time.sleep(3)
+        raise OSError('timed out')
+    monkeypatch.setattr(socket, 'create_connection', hangs)
+    monkeypatch.setattr(models, 'HUB_CHECK_TIMEOUT', 0.2)
+    t0 = time.perf_counter()
+    why = models.hub_unreachable()
+    assert time.perf_counter() - t0 < 1.5 and 'no answer within 0.2 s' in why

@@ -1,0 +1,136 @@
+"""The pieces of the positive control and of the adversarial signal: planted errors, soft-decoded reals,
+straight-through Gumbel fakes, colour-keeping augmentation."""
+import pytest
+import torch
+
+import models
+import soft_decode
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    vae, var = models.load_tiny()
+    img, labels = models.make_shapes(16, seed=77)
+    img, labels = models.to_signed(torch.from_numpy(img)), torch.from_numpy(labels)
+    with torch.no_grad():
+        idx = vae.img_to_idxBl(img)
+    return vae, var, img, labels, idx
+
+
+def test_plant_shift_moves_token_features_of_scales_1_and_up_only(tiny):
+    vae, var, img, labels, idx = tiny
+    _, planted = models.load_tiny()
+    delta = models.plant_error(planted, 'shift')
+    assert delta.norm().item() == pytest.approx(models.PLANT_STRENGTH['shift'], rel=1e-5)
+    assert torch.equal(delta, models.plant_error(models.load_tiny()[1], 'shift'))  # same seed, same error
+    assert not torch.equal(delta, models.plant_error(models.load_tiny()[1], 'shift', seed=1))
+    x = vae.quantize.idxBl_to_var_input(idx)
+    with torch.no_grad():
+        moved = planted.word_embed(x) - var.word_embed(x)  # scales >= 1 only: scale 0 is the class token
+        assert torch.allclose(moved, delta.expand_as(moved), atol=1e-6)
+        assert torch.equal(planted(labels, x)[:, 0], var(labels, x)[:, 0])
+
+
+def test_plant_logit_biases_scales_1_and_up_in_training_and_sampling(tiny):
+    vae, var, img, labels, idx = tiny
+    _, planted = models.load_tiny()
+    b = models.plant_error(planted, 'logit')
+    assert abs(b.mean().item()) < 1e-5 and b.std().item() == pytest.approx(models.PLANT_STRENGTH['logit'], rel=1e-4)
+    x = vae.quantize.idxBl_to_var_input(idx)
+    with torch.no_grad():
+        d = planted(labels, x) - var(labels, x)
+        assert torch.equal(d[:, :var.first_l], torch.zeros_like(d[:, :var.first_l]))
+        assert torch.allclose(d[:, var.first_l:], b.expand_as(d[:, var.first_l:]), atol=1e-4)
+        # the sampler sees the same bias: its tokens differ from the clean VAR's from scale 1 on, never at scale 0
+        _, tok_clean = var.autoregressive_infer_cfg(8, labels[:8], g_seed=3, ret_idx=True)
+        _, tok_planted = planted.autoregressive_infer_cfg(8, labels[:8], g_seed=3, ret_idx=True)
+    assert torch.equal(tok_clean[0], tok_planted[0])
+    assert any(not torch.equal(a, c) for a, c in zip(tok_clean[1:], tok_planted[1:]))
+
+
+def test_plant_refuses_unknown_kind(tiny):
+    with pytest.raises(SystemExit, match='--plant must be one of'):
+        models.plant_error(tiny[1], 'bogus')
+
+
+def test_soft_reals_match_the_quantizer_and_the_fakes_entropy(tiny):
+    vae, var, img, labels, idx = tiny
+    dists, idx_ls = soft_decode.residual_sq_dists(vae, img)
+    assert all(torch.equal(a, c) for a, c in zip(idx_ls, idx))  # the residuals are the quantizer's own
+    temps = soft_decode.matched_real_temperatures(var, img, labels)
+    probs, _ = soft_decode.real_soft_labels(vae, img, temps)
+    with torch.no_grad():
+        logits = var(labels, vae.quantize.idxBl_to_var_input(idx))
+    for k, (bg, ed) in enumerate(var.begin_ends):
+        want = soft_decode.entropy(logits[:, bg:ed].softmax(-1)).item()
+        assert soft_decode.entropy(probs[k]).item() == pytest.approx(want, rel=1e-3), k
+        # the ground-truth code stays the most likely one almost everywhere
+        assert (probs[k].argmax(-1) == idx[k]).float().mean() > 0.9
+    # as T -> 0 the soft real is the hard decode of the ground truth
+    sharp, _ = soft_decode.real_soft_labels(vae, img, [1e-6] * len(temps))
+    k = 3
+    with torch.no_grad():
+        hard = vae.idxBl_to_img(idx[:k + 1], last_one=True)
+        soft = soft_decode.decode_mixed(vae, idx[:k], sharp[k])
+    assert torch.allclose(hard, soft, atol=1e-5)
+
+
+def test_norm_matched_reals_are_as_blurred_as_the_fakes(tiny):
+    vae, var, img, labels, idx = tiny
+    temps = soft_decode.matched_real_temperatures(var, img, labels, match='norm')
+    probs, _ = soft_decode.real_soft_labels(vae, img, temps)
+    E = vae.quantize.embedding.weight
+    with torch.no_grad():
+        logits = var(labels, vae.quantize.idxBl_to_var_input(idx))
+    k = 3  # a scale whose fakes are not blurrier than the uniform mixture (there the bisection ends at its bound)
+    bg, ed = var.begin_ends[k]
+    want = (logits[:, bg:ed].softmax(-1) @ E).norm(dim=-1).mean().item()
+    assert (probs[k] @ E).norm(dim=-1).mean().item() == pytest.approx(want, rel=1e-3)
+
+
+def test_st_gumbel_forward_is_a_sample_and_backward_is_soft():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 9, 16, requires_grad=True)
+    g = torch.Generator().manual_seed(1)
+    p = soft_decode.relax(logits, 'st_gumbel', 1.0, generator=g)
+    assert torch.equal(p.detach(), torch.nn.functional.one_hot(p.detach().argmax(-1), 16).float())
+    # the forward token is the Gumbel-max sample of the same noise
+    E = torch.empty_like(logits).exponential_(generator=torch.Generator().manual_seed(1))
+    assert torch.equal(p.argmax(-1), (logits - E.log()).argmax(-1))
+    (p * torch.randn(4, 9, 16)).sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_nocolor_augmentation_keeps_colour():
+    x = torch.tensor([0.6, -0.2, 0.1]).view(1, 3, 1, 1).expand(64, 3, 32, 32).clone()
+    y = models.diff_augment(x, models.DISC_AUGS['nocolor'], generator=torch.Generator().manual_seed(0))
+    kept = (y != 0).all(1)  # translation padding and cutout holes are zeros; every other pixel keeps its colour
+    assert kept.float().mean() > 0.5
+    assert torch.equal(y.permute(0, 2, 3, 1)[kept], x.permute(0, 2, 3, 1)[kept])
+    z = models.diff_augment(x, models.DISC_AUGS['diffaug'], generator=torch.Generator().manual_seed(0))
+    kz = (z != 0).all(1)
+    assert not torch.allclose(z.permute(0, 2, 3, 1)[kz], x.permute(0, 2, 3, 1)[kz], atol=0.05)  # the default does not
+
+
+def _train(tmp_path, *flags):
+    import train_injector as ti
+    return ti.main(['--n_tiny', '64', '--sample_every', '0', '--num_workers', '0', '--out_dir', str(tmp_path), *flags])
+
+
+def test_a_few_steps_make_the_injector_read_its_input(tmp_path, tiny):
+    """With the first version's position code (norm 9.8 on features of 0.1-0.8) g was 99% one vector for any input."""
+    vae, var, img, labels, idx = tiny
+    out = _train(tmp_path, '--max_steps', '4', '--global_batch_size', '8')
+    shares = models.guidance_shares(out['var'], out['G'].eval(), idx)
+    assert shares['input'] > 0.1, shares
+
+
+def test_adversarial_steps_alone_move_the_guidance_against_a_planted_shift(tmp_path, tiny):
+    """lambda_rec 0: D's signal alone must turn the mean guidance toward -delta (first version: away from it)."""
+    vae, var, img, labels, idx = tiny
+    out = _train(tmp_path, '--plant', 'shift', '--lambda_rec', '0', '--max_steps', '12', '--global_batch_size', '8')
+    delta = models.plant_error(models.load_tiny()[1], 'shift')
+    with torch.no_grad():
+        g = models.teacher_guidance(out['var'], out['G'].eval(), idx)[:, var.first_l:].mean((0, 1))
+    cos = torch.nn.functional.cosine_similarity(g, -delta, dim=0).item()
+    assert cos > 0.05, cos
