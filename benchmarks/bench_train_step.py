@@ -43,6 +43,7 @@ def run_mode(args):
     side = var.patch_nums[-1] * vae.downsample
     img = torch.rand(args.batch, 3, side, side) * 2 - 1
     labels = torch.arange(args.batch) % var.num_classes
+    targs.real_temps = ti.real_temperatures(targs, torch.utils.data.TensorDataset(img, labels), var, 'cpu', n=args.batch)
     times = []
     for step in range(args.steps + 1):
         t0 = time.perf_counter()

@@ -218,8 +218,8 @@ class Check:
         g = torch.Generator().manual_seed(0)
         img = torch.rand(max(batch, 64), 3, side, side, generator=g) * 2 - 1
         labels = torch.arange(len(img)) % var.num_classes
-        if hasattr(ti, 'real_temperatures'):  # what main() sets before the first step
-            targs.real_temps = ti.real_temperatures(targs, torch.utils.data.TensorDataset(img, labels), var, acc.device)
+        # what main() sets before the first step
+        targs.real_temps = ti.real_temperatures(targs, torch.utils.data.TensorDataset(img, labels), var, acc.device)
         img, labels = img[:batch], labels[:batch]
         step = lambda i: ti.train_step(i, img, labels, vae, var, D, G, opt_d, opt_g, targs, acc, lambda *a: None)
         self.reset_peak()
