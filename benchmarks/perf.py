@@ -1,11 +1,16 @@
-"""Shared by the benchmarks (a module, not a script): model FLOPs, the machine's own large-matmul rate, timing.
+"""Shared by the benchmarks (a module, not a script): model FLOPs, the machine's own large-matmul rate, timing,
+and running the project's scripts as logged subprocesses (`run`).
 
 Model FLOPs are counted with torch.utils.flop_counter (matmuls, convolutions, attention; no element-wise ops),
 with the CPU's fused attention kernel added: the counter knows the GPU's attention kernels but not
 `_scaled_dot_product_flash_attention_for_cpu`, so on the CPU it would silently count attention as 0.
 """
+import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils import flop_counter
@@ -54,3 +59,17 @@ def matmul_rate(device, dtype, n, reps=3):
     flop = 2 * n ** 3
     ts = [timed(lambda: a @ b, device) for _ in range(reps)]
     return dict(wall=flop / statistics.median(t for t, _ in ts), cpu=flop / max(statistics.median(c for _, c in ts), 1e-9))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(cmd, log):
+    """One run of a project script (cmd: [script, *args]) with its output in a log file (parallel runs would interleave)."""
+    env = dict(os.environ)
+    env.setdefault('OMP_NUM_THREADS', '1')  # on small shared CPUs one thread per process is several times faster
+    print('$', ' '.join(cmd), '>', log, flush=True)
+    with open(log, 'a') as f:
+        r = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode:
+        raise SystemExit(f'failed (exit {r.returncode}): {" ".join(cmd)}; see {log}')

@@ -23,9 +23,7 @@ has never seen (on the tiny preset D's backbone is also the FID network, which D
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import iscs  # noqa: E402
 import models  # noqa: E402
+from perf import run  # noqa: E402  (benchmarks/perf.py)
 
 ARMS = {'ce': ['--lambda_adv', '0'], 'adv': ['--lambda_rec', '0'], 'paper': []}
 ARM_NAMES = {'ce': 'CE only', 'adv': 'adversarial only', 'paper': 'paper loss (adv + 0.01 CE)'}
@@ -54,17 +53,6 @@ p.add_argument('--data', choices=['real', 'self'], default='real', help='train o
 p.add_argument('--out_dir', type=str, default=None, help='default: runs/positive_control[_self]')
 p.add_argument('--results', type=str, default=None,
                help='writes RESULTS.md and RESULTS.json (default: benchmarks/results/positive_control[_self])')
-
-
-def run(cmd, log):
-    """One script run, its output to a log file (parallel runs would interleave)."""
-    env = dict(os.environ)
-    env.setdefault('OMP_NUM_THREADS', '1')  # on small shared CPUs one thread per process is several times faster
-    print('$', ' '.join(cmd), '>', log, flush=True)
-    with open(log, 'a') as f:
-        r = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode:
-        raise SystemExit(f'failed (exit {r.returncode}): {" ".join(cmd)}; see {log}')
 
 
 def samples(out_dir, log, w, n_per_class, seed, flags=()):

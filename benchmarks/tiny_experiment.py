@@ -20,14 +20,12 @@ and the per-scale ISCS curve. A finished run's files are reused, so an interrupt
 import argparse
 import csv
 import json
-import os
 import statistics
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from perf import REPO, run  # benchmarks/perf.py
 VARIANTS = {
     'default': [],
     'decode_gumbel': ['--decode', 'gumbel'],
@@ -53,17 +51,6 @@ p.add_argument('--bootstrap', type=int, default=1000, help="paired-bootstrap rep
 p.add_argument('--jobs', type=int, default=2, help='runs in parallel (one thread each)')
 p.add_argument('--out_dir', type=str, default='runs/tiny_experiment')
 p.add_argument('--results', type=str, default=str(REPO / 'benchmarks' / 'results'))
-
-
-def run(cmd, log):
-    """One script run, output to its own log file (parallel runs would interleave on the terminal)."""
-    env = dict(os.environ)
-    env.setdefault('OMP_NUM_THREADS', '1')  # on small shared CPUs one thread per process is several times faster
-    print('$', ' '.join(cmd), '>', log, flush=True)
-    with open(log, 'a') as f:
-        r = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode:
-        raise SystemExit(f'failed (exit {r.returncode}): {" ".join(cmd)}; see {log}')
 
 
 def evaluate(npz, log):

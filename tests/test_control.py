@@ -134,3 +134,20 @@ def test_adversarial_steps_alone_move_the_guidance_against_a_planted_shift(tmp_p
         g = models.teacher_guidance(out['var'], out['G'].eval(), idx)[:, var.first_l:].mean((0, 1))
     cos = torch.nn.functional.cosine_similarity(g, -delta, dim=0).item()
     assert cos > 0.05, cos
+
+
+def test_positive_control_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/positive_control.py on the smallest setting: a table row with the residual and the gap closed."""
+    import json
+    import subprocess
+    import sys
+    from conftest import REPO
+    res = tmp_path / 'res'
+    subprocess.run([sys.executable, 'benchmarks/positive_control.py', '--plants', 'shift', '--arms', 'ce', '--seeds', '0',
+                    '--steps', '1', '--n_per_class', '2', '--jobs', '1', '--out_dir', str(tmp_path / 'runs'),
+                    '--results', str(res)], cwd=REPO, check=True, capture_output=True)
+    rows = json.loads(res.with_suffix('.json').read_text())['rows']
+    assert [(r['plant'], r['arm'], r['seeds']) for r in rows] == [('shift', 'ce', [0])]
+    r = rows[0]
+    assert 0 < r['residual'][0] < 1.01 and r['FID_planted'] > r['FID_clean'] and len(r['gap_closed']) == 1
+    assert '| shift (FID' in res.with_suffix('.md').read_text()
