@@ -79,8 +79,8 @@ def fid_of(args, out_dir, log, w, sample_flags):
 
 
 def evalnet(path):
-    """A small CNN shapes classifier (96% held-out accuracy), trained once (~10 min on one core) and cached: an
-    evaluation network that D never saw."""
+    """A small CNN shapes classifier (96.5% on 2,000 held-out shapes of seed 6), trained once (a few minutes on one
+    core) and cached: an evaluation network that D never saw."""
     import torch.nn as nn
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.GELU(), nn.Conv2d(32, 64, 3, 2, 1), nn.GELU(),
