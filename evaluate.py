@@ -38,8 +38,6 @@ import argparse
 import hashlib
 import json
 import os
-import struct
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -51,6 +49,7 @@ import torch.nn.functional as F
 from torchvision.models.inception import (BasicConv2d, Inception3, InceptionA, InceptionAux, InceptionB,
                                           InceptionC, InceptionD, InceptionE)
 
+import data
 import iscs
 import models
 
@@ -350,7 +349,7 @@ def inception_features(images_NHWC_uint8, model: FIDInceptionV3, batch_size: int
     dtype = next(model.parameters()).dtype
     pool3_N2048 = np.empty((n, 2048), dtype=np.float64)
     logits_N1008 = np.empty((n, 1008), dtype=np.float64)
-    with torch.no_grad(), models.progress(total=n, unit='img', desc='inception', disable=not progress) as bar:
+    with torch.no_grad(), data.progress(total=n, unit='img', desc='inception', disable=not progress) as bar:
         for start in range(0, n, batch_size):
             x_N3HW = preprocess_uint8(images_NHWC_uint8[start:start + batch_size], dtype=dtype, device=device,
                                       pipeline=pipeline)
@@ -493,128 +492,6 @@ IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
 CACHE_VERSION = 2  # bump when a cached quantity changes definition (2: the ADM / TF1 resize for FID)
 
 
-def _fail(path, reason: str):
-    raise SystemExit(f'{path}: {reason}')
-
-
-def npz_array(path, name: str) -> np.ndarray:
-    """One member of an npz file; memory-mapped when stored uncompressed (np.savez, sample.py), so a
-    50k x 256 x 256 x 3 file is read batch by batch. Compressed members are loaded whole."""
-    with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo(f'{name}.npy')
-        stored = info.compress_type == zipfile.ZIP_STORED
-    if not stored:
-        return _np_load_member(path, name)
-    with open(path, 'rb') as fh:
-        fh.seek(info.header_offset)
-        local = fh.read(30)
-        if local[:4] != b'PK\x03\x04':
-            _fail(path, f'corrupt zip: no local header for {name}.npy')
-        n_name, n_extra = struct.unpack('<HH', local[26:30])
-        data_start = info.header_offset + 30 + n_name + n_extra
-        fh.seek(data_start)
-        try:
-            version = np.lib.format.read_magic(fh)
-        except ValueError as e:
-            _fail(path, f'{name}.npy is not a .npy array ({e})')
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in read_header:
-            return _np_load_member(path, name)
-        try:
-            shape, fortran, dtype = read_header[version](fh)
-        except ValueError as e:
-            _fail(path, f'{name}.npy has an unreadable header ({e})')
-        offset = fh.tell()
-    if dtype.hasobject:
-        _fail(path, f'{name} holds Python objects (pickled), not a numeric array')
-    if int(np.prod(shape)) == 0:
-        return np.empty(shape, dtype=dtype)
-    # the header's shape must fit in the member: a memmap past it would fail (or read the next member's bytes)
-    need, have = int(np.prod(shape)) * dtype.itemsize, max(info.file_size - (offset - data_start), 0)
-    if need > have:
-        rows = f', {have // (need // shape[0])} of {shape[0]} rows' if len(shape) > 1 else ''
-        _fail(path, f'{name} is truncated or corrupt: its header promises shape {tuple(shape)} ({need:,} bytes) but the '
-                    f'file holds {have:,} bytes of it{rows}; write the file again')
-    return np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=shape, order='F' if fortran else 'C')
-
-
-def _np_load_member(path, name) -> np.ndarray:
-    """A compressed (or unusual) npz member, loaded whole; a corrupt one ends in a one-line SystemExit."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return f[name]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        _fail(path, f'{name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
-                    f'the file is truncated or corrupt')
-
-
-def npz_keys(path) -> list:
-    """Member names of an npz, or a one-line SystemExit if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        _fail(path, 'no such file')
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return [n[:-4] for n in zf.namelist() if n.endswith('.npy')]
-    except zipfile.BadZipFile as e:  # not an npz at all: say so instead of a zipfile traceback
-        _fail(path, f'not a readable .npz file ({e})')
-
-
-def check_images(path, arr, what='arr_0') -> None:
-    """uint8 NHWC RGB, square, or a one-line SystemExit saying what is wrong."""
-    if arr.dtype != np.uint8:
-        nan = ''
-        if np.issubdtype(arr.dtype, np.floating):
-            n_nan = int(np.isnan(np.asarray(arr)).sum())
-            nan = f' and contains {n_nan} NaN values' if n_nan else ''
-        _fail(path, f'{what} has dtype {arr.dtype}{nan}; expected uint8 images 0..255 '
-                    f'(convert [0, 1] floats with (x * 255).astype(np.uint8), as sample.py does)')
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        hint = ' (looks like NCHW: transpose to NHWC)' if arr.ndim == 4 and arr.shape[1] == 3 else ''
-        _fail(path, f'{what} has shape {tuple(arr.shape)}; expected (N, H, W, 3) RGB images{hint}')
-    if arr.shape[1] != arr.shape[2]:
-        _fail(path, f'{what} images are {arr.shape[1]}x{arr.shape[2]}; expected square images')
-
-
-def load_samples(path) -> dict:
-    """A sample npz -> dict(images (N,H,W,3) uint8 (memmap), labels (N,) int64 or None, tokens (N,L) or None,
-    preset str or None, meta dict or None). Bad files end in a one-line SystemExit."""
-    keys = npz_keys(path)
-    if 'arr_0' not in keys:
-        _fail(path, f"no 'arr_0' array (keys: {', '.join(keys) or 'none'}); a sample file holds uint8 images "
-                    f"(N, H, W, 3) in arr_0, as sample.py and the ADM samplers write it")
-    if 'mu' in keys:
-        _fail(path, "has a 'mu' key: the ADM evaluator would take this sample file for precomputed reference "
-                    "statistics; is it a reference batch? Pass it to --ref instead")
-    images = npz_array(path, 'arr_0')
-    check_images(path, images)
-    n = len(images)
-    if n < 2:
-        _fail(path, f'{n} sample(s): FID, IS and precision / recall need at least 2 (ideally 50,000)')
-    out = dict(images=images, labels=None, tokens=None, preset=None, meta=None)
-    lab_key = 'labels' if 'labels' in keys else 'arr_1' if 'arr_1' in keys else None  # arr_1: guided-diffusion
-    if lab_key:
-        labels = np.asarray(npz_array(path, lab_key))
-        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-            _fail(path, f'{lab_key} has shape {labels.shape} and dtype {labels.dtype}; expected ({n},) integer class labels')
-        out['labels'] = labels.astype(np.int64)
-    if 'tokens' in keys:
-        out['tokens'] = npz_array(path, 'tokens')
-    if 'preset' in keys:
-        out['preset'] = str(np.asarray(npz_array(path, 'preset')))
-    if 'meta' in keys:
-        out['meta'] = json.loads(str(np.asarray(npz_array(path, 'meta'))))
-    return out
-
-
-def sha256_file(path, h=None, chunk=1 << 22):
-    h = h or hashlib.sha256()
-    with open(path, 'rb') as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h
-
-
 def center_crop_arr(pil_image, image_size):
     """ADM's reference preprocessing (guided-diffusion image_datasets.py): BOX-halve while the short side
     is >= 2x the target, BICUBIC-resize the short side to image_size, centre crop. Returns uint8 (S, S, 3)."""
@@ -638,7 +515,7 @@ def load_reference(spec: str, resolution: int, ref_n: int) -> dict:
                              f"{resolution}x{resolution}: pass the ADM reference batch, a real-image npz or a folder")
         if ref_n < 2:
             raise SystemExit(f'--ref_n must be >= 2, got {ref_n}')
-        images, _ = models.make_shapes(ref_n, seed=REF_SHAPES_SEED, size=resolution)
+        images, _ = data.make_shapes(ref_n, seed=REF_SHAPES_SEED, size=resolution)
         key = f'shapes|n={ref_n}|seed={REF_SHAPES_SEED}|size={resolution}'  # generated deterministically
         return dict(images=images, stats=None, hash=hashlib.sha256(key.encode()).hexdigest(),
                     desc=f'{ref_n} shapes (seed {REF_SHAPES_SEED})')
@@ -649,30 +526,30 @@ def load_reference(spec: str, resolution: int, ref_n: int) -> dict:
             raise SystemExit(f'--ref {path}: an image folder needs at least 2 images ({", ".join(IMAGE_EXTS)}), found {len(files)}')
         h = hashlib.sha256(f'folder|size={resolution}'.encode())
         images = np.empty((len(files), resolution, resolution, 3), dtype=np.uint8)
-        for i, f in enumerate(models.progress(files, desc='reference images', unit='img')):
+        for i, f in enumerate(data.progress(files, desc='reference images', unit='img')):
             h.update(str(f.relative_to(path)).encode())
-            sha256_file(f, h)
+            data.sha256_file(f, h)
             with Image.open(f) as im:
                 images[i] = center_crop_arr(im.convert('RGB'), resolution)
         return dict(images=images, stats=None, hash=h.hexdigest(), desc=f'{len(files)} images from {path}')
     if path.suffix != '.npz' and not path.is_file():
         raise SystemExit(f"--ref {spec}: not 'shapes', an existing .npz file, or an image folder")
-    keys = npz_keys(path)
+    keys = data.npz_keys(path)
     images = None
     if 'arr_0' in keys:
-        images = npz_array(path, 'arr_0')
-        check_images(path, images)
+        images = data.npz_array(path, 'arr_0')
+        data.check_images(path, images)
         if images.shape[1] != resolution:
-            _fail(path, f'reference images are {images.shape[1]}x{images.shape[2]} but the samples are '
+            data._fail(path, f'reference images are {images.shape[1]}x{images.shape[2]} but the samples are '
                         f'{resolution}x{resolution}')
     stats = None
     if 'mu' in keys and 'sigma' in keys:  # ADM rule: a reference npz with `mu` carries whole-dataset statistics
-        stats = dict(mu=np.asarray(npz_array(path, 'mu'), dtype=np.float64),
-                     sigma=np.asarray(npz_array(path, 'sigma'), dtype=np.float64))
+        stats = dict(mu=np.asarray(data.npz_array(path, 'mu'), dtype=np.float64),
+                     sigma=np.asarray(data.npz_array(path, 'sigma'), dtype=np.float64))
     if images is None and stats is None:
-        _fail(path, f"neither reference images (arr_0) nor statistics (mu, sigma) (keys: {', '.join(keys)})")
+        data._fail(path, f"neither reference images (arr_0) nor statistics (mu, sigma) (keys: {', '.join(keys)})")
     n = len(images) if images is not None else 0
-    return dict(images=images, stats=stats, hash=sha256_file(path).hexdigest(),
+    return dict(images=images, stats=stats, hash=data.sha256_file(path).hexdigest(),
                 desc=f'{path.name} ({n} images{", stored mu/sigma" if stats else ""})')
 
 
@@ -709,9 +586,9 @@ def featnet_features(images_NHWC_uint8, net, batch_size=64, device='cpu', progre
     """Tiny preset FID / IS features: (CLS (N, D) float64, logits (N, K) float64) of uint8 images."""
     n = len(images_NHWC_uint8)
     feats, logits = [], []
-    for start in models.progress(range(0, n, batch_size), desc=desc, unit='batch', disable=not progress):
+    for start in data.progress(range(0, n, batch_size), desc=desc, unit='batch', disable=not progress):
         x = torch.from_numpy(np.require(images_NHWC_uint8[start:start + batch_size], requirements=['C', 'W'])).to(device)
-        cls_BD, head_BK = vit_cls(net, models.to_signed(x))
+        cls_BD, head_BK = vit_cls(net, data.to_signed(x))
         feats.append(cls_BD.double().cpu().numpy())
         logits.append(head_BK.double().cpu().numpy())
     return np.concatenate(feats), np.concatenate(logits)
@@ -721,10 +598,10 @@ def featnet_features(images_NHWC_uint8, net, batch_size=64, device='cpu', progre
 def encode_tokens(vae, images_NHWC_uint8, batch_size=64, device='cpu', progress=True) -> np.ndarray:
     """Ground-truth tokens of real images: uint8 (N, H, W, 3) -> int64 (N, L), every scale, scale-major."""
     out = []
-    for start in models.progress(range(0, len(images_NHWC_uint8), batch_size), desc='encode reference', unit='batch',
+    for start in data.progress(range(0, len(images_NHWC_uint8), batch_size), desc='encode reference', unit='batch',
                       disable=not progress):
         x = torch.from_numpy(np.require(images_NHWC_uint8[start:start + batch_size], requirements=['C', 'W'])).to(device)
-        idx_Bl = vae.img_to_idxBl(models.to_signed(x))
+        idx_Bl = vae.img_to_idxBl(data.to_signed(x))
         out.append(torch.cat(idx_Bl, dim=1).cpu().numpy())
     return np.concatenate(out)
 
@@ -738,7 +615,7 @@ def scale_features(vae, phi_net, tokens_NL, patch_nums, batch_size=64, device='c
     tokens_NL: (N, L) integer tokens, L = sum(pn^2). Returns float32 (N, K, D)."""
     sizes = [pn * pn for pn in patch_nums]
     out = []
-    for start in models.progress(range(0, len(tokens_NL), batch_size), desc=desc, unit='batch', disable=not progress):
+    for start in data.progress(range(0, len(tokens_NL), batch_size), desc=desc, unit='batch', disable=not progress):
         tok_BL = torch.from_numpy(np.asarray(tokens_NL[start:start + batch_size]).astype(np.int64)).to(device)
         imgs = vae.idxBl_to_img(list(tok_BL.split(sizes, dim=1)), same_shape=True, last_one=False)  # K x (B,3,H,W)
         out.append(torch.stack([vit_cls(phi_net, img)[0] for img in imgs], dim=1).float().cpu().numpy())
@@ -979,7 +856,7 @@ def paired_fid_bootstrap(feats_list, ref_mu, ref_sigma, n_boot: int, seed: int =
     rng = np.random.default_rng(seed)
     n = len(feats_list[0])
     d_BI = np.empty((n_boot, len(feats_list) - 1))
-    for b in models.progress(range(n_boot), desc='paired bootstrap', dynamic_ncols=True):
+    for b in data.progress(range(n_boot), desc='paired bootstrap', dynamic_ncols=True):
         idx = rng.integers(0, n, n)
         fids = [iscs.frechet_distance(*iscs.feature_stats(f[idx]), ref_mu, ref_sigma) for f in feats_list]
         d_BI[b] = np.asarray(fids[1:]) - fids[0]
@@ -1053,7 +930,7 @@ def preset_of(smp, args) -> str:
 def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device('cuda' if torch.cuda.is_available() and not args.cpu else 'cpu')
-    samples = [(path, load_samples(path)) for path in args.samples]  # every file is checked before any work
+    samples = [(path, data.load_samples(path)) for path in args.samples]  # every file is checked before any work
     presets = {preset_of(smp, args) for _, smp in samples}
     if len(presets) > 1:
         raise SystemExit('the sample files mix tiny-preset (32x32) and real-model samples; evaluate them separately')
@@ -1065,7 +942,7 @@ def main(argv=None):
     resolution = TINY_RES if preset == 'tiny' else REAL_RES
     for path, smp in samples:
         if smp['images'].shape[1] != resolution:
-            _fail(path, f'{smp["images"].shape[1]}x{smp["images"].shape[1]} images; the {preset} preset evaluates '
+            data._fail(path, f'{smp["images"].shape[1]}x{smp["images"].shape[1]} images; the {preset} preset evaluates '
                         f'{resolution}x{resolution} samples'
                         + (' (set --depth for real-model samples without a preset key)' if preset == 'tiny' else ''))
     n_classes = models.TINY['num_classes'] if preset == 'tiny' else REAL_CLASSES
@@ -1073,7 +950,7 @@ def main(argv=None):
         labels = smp['labels']
         if labels is not None and ((labels < 0) | (labels >= n_classes)).any():
             bad = np.unique(labels[(labels < 0) | (labels >= n_classes)])
-            _fail(path, f'{len(bad)} label value(s) outside the classes 0..{n_classes - 1} of the {preset} preset '
+            data._fail(path, f'{len(bad)} label value(s) outside the classes 0..{n_classes - 1} of the {preset} preset '
                         f'(e.g. {bad[:5].tolist()}); wrong labels would silently give class_acc 0')
     if args.ref is None:
         if preset != 'tiny':

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+import data
 import models
 from models import make_shapes
 
@@ -207,7 +208,7 @@ def stage_done(out_dir, stage):
 
 
 def mark_done(out_dir, stage):
-    models.atomic_save(dict(stage=stage, done=True, sha256=sha256(out_dir / models.TINY_FILES[stage])),
+    data.atomic_save(dict(stage=stage, done=True, sha256=sha256(out_dir / models.TINY_FILES[stage])),
                        resume_path(out_dir, stage))
 
 
@@ -228,7 +229,7 @@ def after_step(out_dir, stage, step, state):
     _ckpt['steps'] += 1
     stop = args.stop_after and _ckpt['steps'] >= args.stop_after
     if stop or time.time() - _ckpt['last'] >= 60 * args.ckpt_min:
-        models.atomic_save(dict(stage=stage, step=step, rng=torch.get_rng_state(), **state()), resume_path(out_dir, stage))
+        data.atomic_save(dict(stage=stage, step=step, rng=torch.get_rng_state(), **state()), resume_path(out_dir, stage))
         _ckpt['last'] = time.time()
     if stop:
         print(f'\n[{stage}] --stop_after {args.stop_after}: stopped at step {step}; continue with --resume')
@@ -286,7 +287,7 @@ def eval_vae(vae, va_img, bs=250):
     SN, V = len(vae.patch_nums), vae.vocab_size
     hits_SV, se, n = torch.zeros(SN, V), 0.0, 0
     for i in range(0, len(va_img), bs):
-        x = models.to_signed(va_img[i:i + bs])
+        x = data.to_signed(va_img[i:i + bs])
         idx_ls = vae.img_to_idxBl(x)
         rec = vae.idxBl_to_img(idx_ls, last_one=True)
         se += F.mse_loss(rec, x, reduction='sum').item()
@@ -315,7 +316,7 @@ def train_vae(out_dir, tr_img, va_img):
     pbar = steps_bar('vae', start, args.vae_steps)
     for step in pbar:
         set_lr(opt, lr_at(step, args.vae_steps, args.vae_lr))
-        x_B3HW = models.to_signed(tr_img[batch_ids(step, len(tr_img), args.vae_bs)])
+        x_B3HW = data.to_signed(tr_img[batch_ids(step, len(tr_img), args.vae_bs)])
         f_BChw = vae.quant_conv(vae.encoder(x_B3HW))
         f_hat_BChw, vq_loss, idx_ls = quant(f_BChw)
         rec_B3HW = vae.decoder(vae.post_quant_conv(f_hat_BChw))
@@ -349,13 +350,13 @@ def train_vae(out_dir, tr_img, va_img):
     metrics = eval_vae(vae, va_img)
     print(f'[vae] {wall / 60:.1f} min; val (fp16 weights): {metrics}')
     path = out_dir / models.TINY_FILES['vae']
-    models.atomic_save(sd, path)
+    data.atomic_save(sd, path)
     update_manifest(out_dir, 'vae', dict(stage='vae', steps=args.vae_steps, batch=args.vae_bs, lr=args.vae_lr,
                                          loss=f'{args.vae_loss} + vq', wall_time_s=round(wall), metrics=metrics,
                                          **data_info()))
     mark_done(out_dir, 'vae')
     with torch.no_grad():  # originals (top) over reconstructions (bottom), for a quick look
-        x = models.to_signed(va_img[:16])
+        x = data.to_signed(va_img[:16])
         rec = vae.img_to_reconstructed_img(x, last_one=True)
         save_image(F.interpolate(torch.cat([x, rec]).add(1).div(2), scale_factor=4, mode='nearest'),
                    out_dir / 'pretrain_vae_recon.png', nrow=16)
@@ -367,7 +368,7 @@ def train_vae(out_dir, tr_img, va_img):
 @torch.no_grad()
 def tokenize(vae, img_u8, bs=500):
     """All images -> tokens (N, L) int64, scales concatenated."""
-    out = [torch.cat(vae.img_to_idxBl(models.to_signed(img_u8[i:i + bs])), dim=1)
+    out = [torch.cat(vae.img_to_idxBl(data.to_signed(img_u8[i:i + bs])), dim=1)
            for i in tqdm(range(0, len(img_u8), bs), desc='tokenise', mininterval=10, file=sys.stdout)]
     return torch.cat(out)
 
@@ -478,7 +479,7 @@ def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
                    val_token_acc_per_scale=var_token_acc(var, va_tok, va_lab), final_train_loss=round(ema_loss, 4))
     print(f'[var] {wall / 60:.1f} min; (fp16 weights) {metrics}')
     path = out_dir / models.TINY_FILES['var']
-    models.atomic_save(sd, path)
+    data.atomic_save(sd, path)
     sample_grid(var, out_dir / 'pretrain_samples.png')
     update_manifest(out_dir, 'var', dict(stage='var', steps=args.var_steps, batch=args.var_bs, lr=args.var_lr,
                                          weight_decay=args.var_wd, grad_clip=args.var_clip, ema=args.var_ema,
@@ -520,7 +521,7 @@ def train_featnet(out_dir, va_img, va_lab):
     for step in pbar:
         set_lr(opt, lr_at(step, args.fn_steps, args.fn_lr))
         ids = batch_ids(step, len(tr_img), args.fn_bs)
-        x_B3HW = models.to_signed(tr_img[ids])
+        x_B3HW = data.to_signed(tr_img[ids])
         # mirror half the batch: every class is mirror-symmetric up to rotation, so labels stay right
         flip_B = torch.rand(len(ids), generator=gen) < 0.5
         x_B3HW = torch.where(flip_B[:, None, None, None], x_B3HW.flip(-1), x_B3HW)
@@ -536,9 +537,9 @@ def train_featnet(out_dir, va_img, va_lab):
     wall = time.time() - t0
     net.requires_grad_(False)
     sd = fp16_roundtrip(net)
-    metrics = dict(val_acc=round(featnet_acc(net, models.to_signed(va_img), va_lab), 4))
+    metrics = dict(val_acc=round(featnet_acc(net, data.to_signed(va_img), va_lab), 4))
     print(f'[featnet] {wall / 60:.1f} min; (fp16 weights) {metrics}')
-    models.atomic_save(sd, out_dir / models.TINY_FILES['featnet'])
+    data.atomic_save(sd, out_dir / models.TINY_FILES['featnet'])
     update_manifest(out_dir, 'featnet', dict(stage='featnet', steps=args.fn_steps, batch=args.fn_bs, lr=args.fn_lr,
                                              wall_time_s=round(wall), metrics=metrics,
                                              **dict(data_info(), train_images=args.fn_n_train)))

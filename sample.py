@@ -24,13 +24,11 @@ With --more_smooth, arr_0 is decoded from VAR's Gumbel-smoothed embeddings while
 samples, so ISCS (rebuilt from the tokens) then describes the unsmoothed token maps.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
 import shutil
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torchvision.utils import save_image
 
+import data
 import models
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,48 +126,6 @@ def class_major_labels(classes, num_per_class) -> np.ndarray:
     return np.repeat(np.asarray(classes, dtype=np.int64), num_per_class)
 
 
-def file_sha256(path, chunk=1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _npy_header(f, dtype, shape):
-    np.lib.format.write_array_header_1_0(f, {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                             'fortran_order': False, 'shape': tuple(shape)})
-
-
-def save_npz(path, arrays: dict, arr_0_parts=None):
-    """np.savez-compatible, uncompressed npz with fixed zip timestamps (same content -> same bytes), written
-    to a temporary file and renamed (a kill never leaves a half-written npz).
-
-    arrays: name -> array. arr_0_parts: optional (shape, dtype, iterable of C-contiguous arrays) streamed
-    into 'arr_0' in order, so a 50k x 256 x 256 x 3 file is never held in memory.
-    """
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
-        def member(name):
-            return zf.open(zipfile.ZipInfo(f'{name}.npy', date_time=(1980, 1, 1, 0, 0, 0)), 'w', force_zip64=True)
-        if arr_0_parts is not None:
-            shape, dtype, parts = arr_0_parts
-            with member('arr_0') as f:
-                _npy_header(f, dtype, shape)
-                written = 0
-                for part in parts:
-                    part = np.ascontiguousarray(part, dtype=dtype)
-                    f.write(part.tobytes())
-                    written += len(part)
-                if written != shape[0]:
-                    raise RuntimeError(f'arr_0: streamed {written} rows, header says {shape[0]}')
-        for name, arr in arrays.items():
-            with member(name) as f:
-                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
-    os.replace(tmp, path)
-
-
 def build_models(args, device):
     """Frozen (vae, var) and, when needed, the injector with its meta."""
     if args.random_init:
@@ -192,7 +149,7 @@ def build_models(args, device):
             raise SystemExit(f'The shipped tiny injector {path} is missing: restore it with `git checkout -- weights/`, '
                              f'train one with `python train_injector.py` and pass --injector, or sample plain VAR with --w 0.')
     inj, meta = models.load_injector(path, var, device)
-    return vae, var, inj, dict(meta, source=str(path), sha256=file_sha256(path)[:16])
+    return vae, var, inj, dict(meta, source=str(path), sha256=data.sha256_file(path).hexdigest()[:16])
 
 
 def settings_of(args, var, inj_meta, w, labels_N) -> dict:
@@ -261,7 +218,7 @@ def merge(out_path, part_dir, n_batches, labels_N, settings, grid_path, grid_idx
                 grid[i] = arr[i - start]
             start += len(arr)
             yield arr
-    save_npz(out_path, {'labels': labels_N, 'tokens': np.concatenate(tokens), 'preset': np.array(settings['preset']),
+    data.save_npz(out_path, {'labels': labels_N, 'tokens': np.concatenate(tokens), 'preset': np.array(settings['preset']),
                         'meta': np.array(json.dumps(settings, sort_keys=True))},
              arr_0_parts=((len(labels_N), H, W, 3), np.uint8, arr_0_parts()))
     imgs = torch.from_numpy(np.stack([grid[i] for i in grid_idx])).permute(0, 3, 1, 2).float().div(255)
@@ -371,11 +328,11 @@ def main(argv=None):
         print(f'[sample] resuming: {done_before} finished batches found')
     if args.max_batches is not None:
         todo = todo[:args.max_batches]
-    for (w, _, part_dir, _), b in models.progress(todo, desc='sample', unit='batch', disable=not acc.is_main_process,
+    for (w, _, part_dir, _), b in data.progress(todo, desc='sample', unit='batch', disable=not acc.is_main_process,
                                                   dynamic_ncols=True):
         labels_B = torch.from_numpy(labels_N[b * bs:(b + 1) * bs]).to(device)
         img_BHW3, tokens_BL = sample_batch(var, hook, args, labels_B, batch_seed(args.seed, b), w, autocast())
-        save_npz(part_dir / f'batch_{b:05d}.npz', {'arr_0': img_BHW3, 'tokens': tokens_BL})
+        data.save_npz(part_dir / f'batch_{b:05d}.npz', {'arr_0': img_BHW3, 'tokens': tokens_BL})
     acc.wait_for_everyone()
 
     written = {}

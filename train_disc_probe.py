@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import models
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,7 +94,7 @@ def main(argv=None):
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = models.build_train_data(args.depth, args.data_path, n_tiny=args.n_tiny)
+    dataset = data.build_train_data(args.depth, args.data_path, n_tiny=args.n_tiny)
     torch.manual_seed(args.seed)
     if args.random_init:
         vae, var = models.build_random(args.depth, device, seed=args.seed)
@@ -116,7 +117,7 @@ def main(argv=None):
                                          generator=torch.Generator().manual_seed(args.seed))
     rows, step = [], 0
     D.train()
-    with models.progress(total=args.steps, desc=f'D probe ({args.space})', dynamic_ncols=True) as bar:
+    with data.progress(total=args.steps, desc=f'D probe ({args.space})', dynamic_ncols=True) as bar:
         while step < args.steps:
             for img_B3HW, labels_B in loader:
                 if step >= args.steps:
@@ -150,7 +151,7 @@ def main(argv=None):
         w.writerows(rows)
     plot_curves(rows, SN, out_dir / f'probe_{args.space}.png')
     heads = D.heads_state_dict() if args.space == 'rgb' else D.state_dict()
-    models.atomic_save({'disc_heads': heads, 'meta': dict(space=args.space, depth=args.depth, steps=step, norm=args.disc_norm)},
+    data.atomic_save({'disc_heads': heads, 'meta': dict(space=args.space, depth=args.depth, steps=step, norm=args.disc_norm)},
                        out_dir / f'disc_heads_{args.space}.pt')
     tail = rows[-SN * min(20, step):]
     print(f'[D probe] {args.space}: mean accuracy over the last {min(20, step)} steps, per scale:')

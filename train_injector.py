@@ -40,6 +40,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from torchvision.utils import save_image
 
+import data
 import models
 import soft_decode
 
@@ -209,10 +210,10 @@ def epoch_batches(dataset, epoch, start, per_device, rank, world, seed, num_work
     global_bs = per_device * world
     steps = len(dataset) // global_bs
     idx = perm[:steps * global_bs].view(steps, world, per_device)[start:, rank].flatten().tolist()
-    if isinstance(dataset, models.ShapesDataset):  # in-memory: no loader processes needed
+    if isinstance(dataset, data.ShapesDataset):  # in-memory: no loader processes needed
         for i in range(0, len(idx), per_device):
             j = torch.tensor(idx[i:i + per_device])
-            yield models.to_signed(dataset.images_NHW3[j]), dataset.labels[j]
+            yield data.to_signed(dataset.images_NHW3[j]), dataset.labels[j]
         return
     loader = torch.utils.data.DataLoader(SeededItems(dataset, seed, epoch), batch_size=per_device, sampler=idx,
                                          num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
@@ -543,7 +544,7 @@ def main(argv=None):
     resume = decide_resume(args, out_dir, acc)  # before anything is written or loaded
     ck = read_resume(resume, args) if resume else None
 
-    dataset = models.build_train_data(args.depth, args.data_path, n_tiny=args.n_tiny)
+    dataset = data.build_train_data(args.depth, args.data_path, n_tiny=args.n_tiny)
     if args.global_batch_size % world:
         raise SystemExit(f'--global_batch_size {args.global_batch_size} is not divisible by {world} processes.')
     per_device = args.global_batch_size // world
@@ -571,7 +572,7 @@ def main(argv=None):
             if not torch.all(all_sums == all_sums[0]):
                 raise SystemExit(f'[AID-VAR] ranks disagree on the weights at step {step}: checksums {all_sums.tolist()}')
         if acc.is_main_process:
-            models.atomic_save(dict(injector=G.state_dict(), disc_heads=D.heads_state_dict(), opt_g=opt_g.state_dict(),
+            data.atomic_save(dict(injector=G.state_dict(), disc_heads=D.heads_state_dict(), opt_g=opt_g.state_dict(),
                                     opt_d=opt_d.state_dict(), step=step, args=vars(args), world=world,
                                     weights_checksum=float(sums)), ckpt_path)
             models.save_injector(out_dir / 'injector.pt', G, dict(depth=args.depth, inject=args.inject, w_train=args.w_train,
@@ -593,7 +594,7 @@ def main(argv=None):
     if args.report_to != 'none':
         acc.init_trackers(TRACKER_PROJECT, config=tracker_values(config),
                           init_kwargs={'wandb': {'name': out_dir.name, 'dir': str(out_dir)}})
-    bar = models.progress(total=total_steps, initial=step, disable=not acc.is_main_process, desc='AID-VAR',
+    bar = data.progress(total=total_steps, initial=step, disable=not acc.is_main_process, desc='AID-VAR',
                           dynamic_ncols=True)
     D.train()
     G.train()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import data  # noqa: E402
 import models  # noqa: E402
 import soft_decode  # noqa: E402
 
@@ -45,11 +46,11 @@ def make_pairs(vae, var, n, seed):
     Built by train_injector.py's own soft_decode.disc_images; the hard fakes take tokens sampled from the VAR's
     scale-k distribution, fed as one-hot logits through the 'st' relaxation (whose forward value is the one-hot).
     """
-    ds = models.build_train_data(None, n_tiny=n)
+    ds = data.build_train_data(None, n_tiny=n)
     g = torch.Generator().manual_seed(seed)
     out = {key: [] for key in ('real', 'soft', 'hard', 'label', 'k')}
     for i in range(0, n, 100):
-        img, lab = models.to_signed(ds.images_NHW3[i:i + 100]), ds.labels[i:i + 100]
+        img, lab = data.to_signed(ds.images_NHW3[i:i + 100]), ds.labels[i:i + 100]
         gt = vae.img_to_idxBl(img)
         h, cond = var.forward_hidden(lab, vae.quantize.idxBl_to_var_input(gt))
         logits_BLV = var.get_logits(h, cond)

@@ -34,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import iscs  # noqa: E402
+import data  # noqa: E402
 import models  # noqa: E402
 from perf import run  # noqa: E402  (benchmarks/perf.py)
 
@@ -89,18 +90,18 @@ def evalnet(path):
     if path.is_file():
         net.load_state_dict(torch.load(path, weights_only=True))
         return net.eval()
-    img, lab = (torch.from_numpy(a) for a in models.make_shapes(30000, seed=5))
+    img, lab = (torch.from_numpy(a) for a in data.make_shapes(30000, seed=5))
     opt, steps = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=0.05), 1500
-    for s in models.progress(range(steps), desc='evaluation CNN'):
+    for s in data.progress(range(steps), desc='evaluation CNN'):
         opt.param_groups[0]['lr'] = 1e-3 * (1 + math.cos(math.pi * s / steps))
         i = torch.randint(len(img), (64,))
-        x = models.to_signed(img[i])
+        x = data.to_signed(img[i])
         x = torch.where(torch.rand(64, 1, 1, 1) < 0.5, x.flip(-1), x)  # every class is mirror-symmetric
         loss = torch.nn.functional.cross_entropy(net(x), lab[i], label_smoothing=0.1)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    models.atomic_save(net.state_dict(), path)
+    data.atomic_save(net.state_dict(), path)
     return net.eval()
 
 
@@ -109,7 +110,7 @@ def evalnet_fid(net, npz, ref_npz):
     """FID of the CNN's penultimate features between two npz files of images."""
     def stats(path):
         with np.load(path) as f:
-            x = models.to_signed(torch.from_numpy(f['arr_0']))
+            x = data.to_signed(torch.from_numpy(f['arr_0']))
         return iscs.feature_stats(torch.cat([net[:-1](x[i:i + 500]) for i in range(0, len(x), 500)]).double().numpy())
     return iscs.frechet_distance(*stats(npz), *stats(ref_npz))
 
@@ -122,8 +123,8 @@ def residual(plant, injector_path, n=256):
     err = models.plant_error(var, plant)
     injector, meta = models.load_injector(injector_path, var)
     w, inject = meta['w_train'], meta['inject']
-    img, labels = models.make_shapes(n, seed=77)
-    img, labels = models.to_signed(torch.from_numpy(img)), torch.from_numpy(labels)
+    img, labels = data.make_shapes(n, seed=77)
+    img, labels = data.to_signed(torch.from_numpy(img)), torch.from_numpy(labels)
     idx = var.vae.img_to_idxBl(img)
     g_BLC = models.teacher_guidance(var, injector, idx)
     if plant == 'shift':
@@ -209,8 +210,8 @@ def main():
     header = (f'Positive control (`python benchmarks/{Path(__file__).name} {" ".join(sys.argv[1:])}`): data {args.data}, '
               f'seeds {args.seeds}, {10 * args.n_per_class} paired samples (seed {args.sample_seed}), extra flags '
               f'`{args.train_args or "none"}`.\n\n')
-    models.atomic_save(header + table + '\n', res.with_suffix('.md'))
-    models.atomic_save(json.dumps(dict(args={k: v for k, v in vars(args).items() if k != 'evalnet'}, rows=rows),
+    data.atomic_save(header + table + '\n', res.with_suffix('.md'))
+    data.atomic_save(json.dumps(dict(args={k: v for k, v in vars(args).items() if k != 'evalnet'}, rows=rows),
                                   indent=1, default=str) + '\n', res.with_suffix('.json'))
 
 

@@ -3,6 +3,7 @@ straight-through Gumbel fakes, colour-keeping augmentation."""
 import pytest
 import torch
 
+import data
 import models
 import soft_decode
 
@@ -10,8 +11,8 @@ import soft_decode
 @pytest.fixture(scope='module')
 def tiny():
     vae, var = models.load_tiny()
-    img, labels = models.make_shapes(16, seed=77)
-    img, labels = models.to_signed(torch.from_numpy(img)), torch.from_numpy(labels)
+    img, labels = data.make_shapes(16, seed=77)
+    img, labels = data.to_signed(torch.from_numpy(img)), torch.from_numpy(labels)
     with torch.no_grad():
         idx = vae.img_to_idxBl(img)
     return vae, var, img, labels, idx

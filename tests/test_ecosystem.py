@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
+import data
 import models
 import sample
 import train_disc_probe
@@ -59,17 +60,17 @@ def instrumented_run(tmp_path_factory):
     """One 2-step run with --report_to tensorboard, recording the progress bars it makes."""
     out = tmp_path_factory.mktemp('tb')
     bars = []
-    progress = models.progress
+    progress = data.progress
 
     def spy(*a, **kw):
         bar = progress(*a, **kw)
         bars.append(bar)
         return bar
-    models.progress = spy
+    data.progress = spy
     try:
         ti.main(FAST + ['--max_steps', '2', '--out_dir', str(out), '--report_to', 'tensorboard'])
     finally:
-        models.progress = progress
+        data.progress = progress
     return out, bars
 
 
@@ -113,12 +114,12 @@ def test_missing_tracker_package_is_one_line(monkeypatch, tmp_path):
 
 def test_progress_bars_update_rarely_when_not_a_terminal(instrumented_run):
     _, bars = instrumented_run
-    assert bars and all(b.mininterval == models.PROGRESS_MININTERVAL_PIPE == 30 for b in bars)  # pytest captures: no tty
+    assert bars and all(b.mininterval == data.PROGRESS_MININTERVAL_PIPE == 30 for b in bars)  # pytest captures: no tty
 
     class Tty:
         def isatty(self):
             return True
-    assert models.progress_mininterval(Tty()) == 0.1
+    assert data.progress_mininterval(Tty()) == 0.1
 
 
 def test_a_log_file_gets_a_few_bar_lines_not_one_per_step(tmp_path, capsys):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import models
+import official_var
 
 
 def reference_sample(vae, var, labels_B, g_seed, cfg, top_k, top_p, hook=None, w=0.0, inject='input'):
@@ -54,10 +55,10 @@ def test_sampler_equals_straightforward_reference(monkeypatch, guided, top_k, to
     def spy(logits_BlV, **kw):
         seen.append(logits_BlV.clone())  # before top-k / top-p mask it in place
         return sample(logits_BlV, **kw)
-    monkeypatch.setattr(models, 'sample_with_top_k_top_p_', spy)
+    monkeypatch.setattr(official_var, 'sample_with_top_k_top_p_', spy)
     img, idx = var.autoregressive_infer_cfg(3, labels, g_seed=5, cfg=1.5, top_k=top_k, top_p=top_p, guidance_hook=hook,
                                             guidance_w=w, inject=guided or 'input', ret_idx=True)
-    monkeypatch.setattr(models, 'sample_with_top_k_top_p_', sample)
+    monkeypatch.setattr(official_var, 'sample_with_top_k_top_p_', sample)
     ref_idx, ref_logits, ref_img = reference_sample(vae, var, labels, 5, 1.5, top_k, top_p, hook, w, guided or 'input')
     assert [torch.equal(a, b) for a, b in zip(idx, ref_idx)] == [True] * len(var.patch_nums)
     for a, b in zip(seen, ref_logits):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import models
 from models import make_shapes
 
@@ -38,7 +39,7 @@ def featnet():
 @pytest.fixture(scope='module')
 def fresh():
     img_NHW3, lab_N = make_shapes(200, FRESH_SEED)
-    x_B3HW = models.to_signed(torch.from_numpy(img_NHW3))
+    x_B3HW = data.to_signed(torch.from_numpy(img_NHW3))
     return x_B3HW, torch.from_numpy(lab_N)
 
 

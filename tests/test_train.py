@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import models
 import soft_decode
 import train_injector as ti
@@ -21,7 +22,7 @@ def parts():
     args = ti.resolve_args(FAST)
     vae, var, D, G = ti.build_everything(args, 'cpu')
     torch.manual_seed(0)
-    img = models.to_signed(torch.from_numpy(models.make_shapes(8, seed=5)[0]))
+    img = data.to_signed(torch.from_numpy(data.make_shapes(8, seed=5)[0]))
     labels = torch.arange(8) % 10
     with torch.no_grad():
         idx = vae.img_to_idxBl(img)

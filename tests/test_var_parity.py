@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import models
+import official_var
 from conftest import fixture_module
 
 
@@ -106,7 +107,7 @@ def test_greedy_cfg_sampling_reproduces_official(parity, fixtures_dir, dtype, mo
         out = orig_next(si, SN, f_hat, h)
         seen_fhat.append(out[0].clone())
         return out
-    monkeypatch.setattr(models, 'sample_with_top_k_top_p_', spy_sample)
+    monkeypatch.setattr(official_var, 'sample_with_top_k_top_p_', spy_sample)
     monkeypatch.setattr(vae.quantize, 'get_next_autoregressive_input', spy_next)
     img, idx = var.autoregressive_infer_cfg(B=2, label_B=parity['inputs']['label_ar'], g_seed=0, cfg=1.5, top_k=1,
                                             top_p=0.0, more_smooth=False, ret_idx=True)
