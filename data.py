@@ -1,10 +1,11 @@
-"""Data and files: the tiny preset's shapes, ImageNet folders, the npz writer and reader, sha256, atomic writes,
-progress bars."""
+"""Data and files: the tiny preset's shapes, training data and its seeded order, ImageNet folders and reference
+images, the npz writer and reader, sha256, atomic writes, progress bars."""
 import hashlib
 import json
 import os
 import struct
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -217,19 +218,29 @@ class ShapesDataset(torch.utils.data.Dataset):
         return img_3HW, int(self.labels[i])
 
 
-def atomic_save(obj, path):
-    """Writes through a temporary file + rename, so a kill mid-write never leaves a broken file: str as text,
-    bytes as they are, anything else with torch.save."""
+@contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path` and renames it onto `path` when the block ends without an error (else
+    deletes it), so a kill mid-write never leaves a broken file. Every file written here goes through it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    if isinstance(obj, str):
-        tmp.write_text(obj)
-    elif isinstance(obj, bytes):
-        tmp.write_bytes(obj)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save(obj, path):
+    """Writes obj to path through atomic_path: str as text, bytes as they are, anything else with torch.save."""
+    with atomic_path(path) as tmp:
+        if isinstance(obj, str):
+            tmp.write_text(obj)
+        elif isinstance(obj, bytes):
+            tmp.write_bytes(obj)
+        else:
+            torch.save(obj, tmp)
 
 
 
@@ -283,9 +294,7 @@ def save_npz(path, arrays: dict, arr_0_parts=None):
     arrays: name -> array. arr_0_parts: optional (shape, dtype, iterable of C-contiguous arrays) streamed
     into 'arr_0' in order, so a 50k x 256 x 256 x 3 file is never held in memory.
     """
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
         def member(name):
             return zf.open(zipfile.ZipInfo(f'{name}.npy', date_time=(1980, 1, 1, 0, 0, 0)), 'w', force_zip64=True)
         if arr_0_parts is not None:
@@ -302,7 +311,6 @@ def save_npz(path, arrays: dict, arr_0_parts=None):
         for name, arr in arrays.items():
             with member(name) as f:
                 np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def _fail(path, reason: str):
@@ -441,3 +449,118 @@ def progress(*args, **kwargs):
     from tqdm import tqdm
     kwargs.setdefault('mininterval', progress_mininterval(kwargs.get('file')))
     return tqdm(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training data order: seeded, sharded by rank, exact on resume (train_injector.py)
+
+def derived_seed(*parts) -> int:
+    """A 63-bit seed from integers (seed, epoch, rank or sample index...): independent streams per tuple."""
+    return int(np.random.SeedSequence([int(x) for x in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """dataset[i] with torch's RNG seeded from (seed, epoch, i) for the call (restored afterwards): the random
+    crop of a sample depends only on which sample it is in which epoch, not on the rank, the loader process
+    that reads it or the step a resumed run started at."""
+
+    def __init__(self, dataset, seed, epoch):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(self.seed, self.epoch, i))
+            return self.dataset[i]
+
+
+def epoch_batches(dataset, epoch, start, per_device, rank, world, seed, num_workers):
+    """Batches of one epoch from `start` (in steps): a seeded permutation, sharded by rank (exact resume).
+
+    Random transforms (ImageNet's random crop) are seeded per sample from (seed, epoch, index) (SeededItems),
+    and the loader's own generator from (seed, epoch, rank), never from the global RNG (which is the same on
+    every rank after torch.manual_seed(args.seed)): ranks see different crops, and a resumed run, mid-epoch
+    included, sees the crops of the uninterrupted one.
+    """
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    global_bs = per_device * world
+    steps = len(dataset) // global_bs
+    idx = perm[:steps * global_bs].view(steps, world, per_device)[start:, rank].flatten().tolist()
+    if isinstance(dataset, ShapesDataset):  # in-memory: no loader processes needed
+        for i in range(0, len(idx), per_device):
+            j = torch.tensor(idx[i:i + per_device])
+            yield to_signed(dataset.images_NHW3[j]), dataset.labels[j]
+        return
+    loader = torch.utils.data.DataLoader(SeededItems(dataset, seed, epoch), batch_size=per_device, sampler=idx,
+                                         num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
+                                         persistent_workers=False,
+                                         generator=torch.Generator().manual_seed(derived_seed(seed, epoch, rank)))
+    yield from loader
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference images for evaluate.py: fresh shapes, an image folder, or an npz (images and / or stored mu / sigma)
+
+REF_SHAPES_SEED = 1000  # held out: pretrain_tiny.py trains on seed 0 and validates on seed 1
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's reference preprocessing (guided-diffusion image_datasets.py): BOX-halve while the short side
+    is >= 2x the target, BICUBIC-resize the short side to image_size, centre crop. Returns uint8 (S, S, 3)."""
+    from PIL import Image
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    y, x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[y:y + image_size, x:x + image_size]
+
+
+def load_reference(spec: str, resolution: int, ref_n: int) -> dict:
+    """evaluate.py's --ref: 'shapes' (ref_n fresh shapes, seed REF_SHAPES_SEED), an image folder (center_crop_arr)
+    or an npz. Returns dict(images uint8 (N, S, S, 3) or None, stats {'mu', 'sigma'} or None, hash (sha256 hex of
+    the content), desc (one line)); a bad reference is a one-line SystemExit."""
+    from PIL import Image
+    if spec == 'shapes':
+        if ref_n < 2:
+            raise SystemExit(f'--ref_n must be >= 2, got {ref_n}')
+        images, _ = make_shapes(ref_n, seed=REF_SHAPES_SEED, size=resolution)
+        key = f'shapes|n={ref_n}|seed={REF_SHAPES_SEED}|size={resolution}'  # generated deterministically
+        return dict(images=images, stats=None, hash=hashlib.sha256(key.encode()).hexdigest(),
+                    desc=f'{ref_n} shapes (seed {REF_SHAPES_SEED})')
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(f for f in path.rglob('*') if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+        if len(files) < 2:
+            raise SystemExit(f'--ref {path}: an image folder needs at least 2 images ({", ".join(IMAGE_EXTS)}), '
+                             f'found {len(files)}')
+        h = hashlib.sha256(f'folder|size={resolution}'.encode())
+        images = np.empty((len(files), resolution, resolution, 3), dtype=np.uint8)
+        for i, f in enumerate(progress(files, desc='reference images', unit='img')):
+            h.update(str(f.relative_to(path)).encode())
+            sha256_file(f, h)
+            with Image.open(f) as im:
+                images[i] = center_crop_arr(im.convert('RGB'), resolution)
+        return dict(images=images, stats=None, hash=h.hexdigest(), desc=f'{len(files)} images from {path}')
+    if path.suffix != '.npz' and not path.is_file():
+        raise SystemExit(f"--ref {spec}: not 'shapes', an existing .npz file, or an image folder")
+    keys = npz_keys(path)
+    images = stats = None
+    if 'arr_0' in keys:
+        images = npz_array(path, 'arr_0')
+        check_images(path, images)
+        if images.shape[1] != resolution:
+            _fail(path, f'reference images are {images.shape[1]}x{images.shape[2]} but the samples are '
+                        f'{resolution}x{resolution}')
+    if 'mu' in keys and 'sigma' in keys:  # ADM rule: a reference npz with `mu` carries whole-dataset statistics
+        stats = dict(mu=np.asarray(npz_array(path, 'mu'), dtype=np.float64),
+                     sigma=np.asarray(npz_array(path, 'sigma'), dtype=np.float64))
+    if images is None and stats is None:
+        _fail(path, f"neither reference images (arr_0) nor statistics (mu, sigma) (keys: {', '.join(keys)})")
+    n = len(images) if images is not None else 0
+    return dict(images=images, stats=stats, hash=sha256_file(path).hexdigest(),
+                desc=f'{path.name} ({n} images{", stored mu/sigma" if stats else ""})')

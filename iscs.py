@@ -1,39 +1,10 @@
-"""Inter-Scale Consistency Score (ISCS) and the Fréchet distance it is built on.
+"""Inter-Scale Consistency Score (ISCS, AID-VAR paper §4, eqs. 8-10) and the Fréchet distance it is built on.
 
-Features in, numbers out: nothing here decodes images or runs a network (evaluate.py does that),
-so the metric can be imported and tested alone.
-
-Fréchet distance
-    ``feature_stats`` / ``frechet_distance`` compute Gaussian statistics and the Fréchet distance
-    exactly as pytorch-fid 0.3.0 and the ADM (guided-diffusion) evaluator do
-    (tests/fixtures/README_fid_metrics.md §5). FID in evaluate.py and ISCS both use them, so
-    their numbers stay comparable with published FIDs.
-
-ISCS (AID-VAR paper §4, eqs. 8-10; DESIGN.md "ISCS")
-    A VAR generates an image over K scales; x_k denotes the image decoded (at full resolution,
-    through the VQ-VAE) from the token prefix of scales 0..k, so x_{K-1} is the final image.
-    For every transition k-1 -> k, k = 1..K-1:
-
-    * phi(x) = CLS embedding of a feature network, L2-normalised (DINO ViT-S/16 for the real
-      models, 384-d; the tiny preset's feature ViT, 128-d);
-    * joint feature  z_k = [phi(x_{k-1}), phi(x_k)]  (2 x 384 = 768-d for DINO);
-    * real set: z_k of images decoded from the ground-truth tokens of real images (VQ-VAE
-      encoding); generated set: z_k of images decoded from the sampled tokens;
-    * FD_k = Fréchet distance between the Gaussians fitted to the real and generated z_k;
-    * S_k  = 1 / max(FD_k, FD_EPS);
-    * ISCS = sum_k w_k S_k,  w_k = exp(k) / sum_{j=1..K-1} exp(j)  (weights sum to 1; finer
-      scales count more: for K = 10, w_9 = 0.63).
-
-    Higher is better. Every S_k, FD_k and w_k is reported with the total.
-
-    FD_EPS = 1e-4 (decision; the paper leaves S_k = 1/FD_k undefined at FD_k = 0): identical
-    real and generated sets give FD_k = 0 up to sqrtm round-off (|FD| ~ 1e-7, possibly negative),
-    and 1/FD_k would then be astronomically large or negative. Below FD_EPS a distance is not
-    distinguishable from round-off, so S_k is capped at 1 / FD_EPS = 10,000 (the paper's largest
-    reported S_k is about 46, i.e. FD about 0.02, two orders of magnitude above the cap). FD_k is
-    always reported raw, and ``clipped_k`` lists the transitions where the cap applied, so a
-    capped score is never silent. Two independent finite samples of one distribution give
-    FD_k > 0 from estimation bias alone (roughly D / N), far above FD_EPS for any usable N.
+Features in, numbers out (evaluate.py decodes the images and runs the networks). For each transition k-1 -> k,
+z_k = [f(x_{k-1}), f(x_k)] joins the L2-normalised CLS features f of the images decoded from the token prefixes
+of scales 0..k-1 and 0..k; FD_k is the Fréchet distance between real and generated z_k, S_k = 1 / max(FD_k,
+FD_EPS), ISCS = sum_k w_k S_k with w_k = exp(k) / sum_j exp(j). Higher is better. The Fréchet distance is
+pytorch-fid's and the ADM evaluator's. Definitions and the FD_EPS decision: docs/iscs.md.
 """
 from __future__ import annotations
 
@@ -151,7 +122,7 @@ def l2_normalize(feats_ND) -> np.ndarray:
 
 
 def joint_features(feats_prev_ND, feats_next_ND) -> np.ndarray:
-    """The ISCS joint feature of one transition: [phi(x_{k-1}), phi(x_k)], each half L2-normalised.
+    """The ISCS joint feature of one transition: [f(x_{k-1}), f(x_k)], each half L2-normalised.
 
     Args:
         feats_prev_ND: (N, D) raw CLS features of the images decoded up to scale k-1.
@@ -217,7 +188,7 @@ def iscs_from_features(real_feats_per_scale, gen_feats_per_scale, eps: float = F
     """ISCS of a generated set against a real set.
 
     Args:
-        real_feats_per_scale: (N, K, D) array or K arrays (N, D): raw CLS features phi of the real
+        real_feats_per_scale: (N, K, D) array or K arrays (N, D): raw CLS features f of the real
             images decoded from ground-truth token prefixes 0..k, for k = 0..K-1.
         gen_feats_per_scale: the same for generated samples, (M, K, D) (M need not equal N; the
             rows of one set must be in the same sample order across scales).

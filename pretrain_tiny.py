@@ -1,58 +1,17 @@
-"""Pretrain the tiny preset from scratch: VQ-VAE, then VAR, then the feature network, on the shapes data.
+"""Pretrain the tiny preset from scratch on the shapes data: VQ-VAE, then VAR, then the feature network.
 
-The tiny preset (DESIGN.md, "Presets") stands in for the official ImageNet checkpoints so that every
-script runs on a laptop CPU with no network. This script produces its shipped weights (architectures:
-models.TINY_PRESETS, --preset; every file's entry in MANIFEST.json names it):
+Writes into --out_dir (default weights/): tiny_vae.pt (multi-scale VQ-VAE), tiny_var.pt (class-conditional VAR, EMA
+weights), tiny_featnet.pt (a small ViT classifier, the tiny preset's DINO / Inception stand-in), pretrain_*.png for
+a look, and MANIFEST.json (sha256, size, command, seeds, metrics, wall time per file); weights are fp16 state_dicts.
+--stage runs one stage (a later one loads the earlier ones' files); --resume continues bit-identically from
+out_dir/resume_<stage>.pt, --stop_after N ends a session. Recipe, pilots and costs: docs/pretrain_tiny.md.
 
-    weights/tiny_vae.pt       the multi-scale VQ-VAE (32x32 images -> 8x8x16 latent, vocab 256, patch_nums 1..8)
-    weights/tiny_var.pt       the class-conditional VAR (depth 4, width 192) on the VQ-VAE's tokens
-    weights/tiny_featnet.pt   a small timm ViT classifier: the tiny preset's DINO and Inception stand-in
-    weights/pretrain_*.png    VQ-VAE reconstructions and a VAR sample grid, for a look
-    weights/MANIFEST.json     sha256, size and provenance (command, preset, seeds, steps, metrics, wall time) per file
-
-Stages (`--stage all|vae|var|featnet`; a later stage loads the earlier stages' files from --out_dir):
-  1. vae:     L1 reconstruction + the quantizer's vq loss, straight-through. The official recipe adds LPIPS
-              and a GAN loss; at 32x32 on flat-coloured shapes plain pixel losses are enough, so they are
-              skipped. Dead codes are re-seeded from current encoder residuals.
-  2. var:     tokenise the training set once with the frozen VQ-VAE, then teacher-forced cross-entropy
-              over all 130 token positions, class dropout 0.1 (needed by classifier-free guidance); the
-              shipped weights are an EMA. Ends with a 10x10 sample grid (pretrain_samples.png, a row per class).
-  3. featnet: a ViT classifier (convolutional stem, models.build_featnet) on images in [0, 1] normalised with
-              its pretrained_cfg mean/std, as the projected discriminator feeds it; mirror flips. Once all
-              three files exist, --score_n VAR samples (cfg 1.5) are classified with it (MANIFEST.json).
-
-Resuming: each stage writes out_dir/resume_<stage>.pt (model, optimiser, EMA, RNG states, step) atomically
-every --ckpt_min minutes; the same command plus --resume continues bit-identically (tests/test_pretrain_tiny.py)
-and skips finished stages. --stop_after N ends a session after N steps.
-
-Data: `make_shapes(n, seed)`; training seed 0 (--train_seed), held-out seed 1 (--val_seed). Evaluation,
-tests and benchmarks use other seeds (123, 1000+), never 0 or 1.
-
-The recipe (defaults), chosen by pilots on one core (held-out numbers; v1 = the first shipped files, whose VQ-VAE
-ran 700 steps and VAR 650 steps at batch 32):
-  - VQ-VAE: undertrained at 700 steps (MSE 0.052, colours washed out); the same network at 2,500 steps of batch
-    16 reaches MSE 0.0079 with the palette colours right, so 3,500 steps (margin). ~0.36 s/step.
-  - VAR: the same depth-4 / width-192 network (2.8M parameters) at lr 3e-3, EMA 0.998, 1,200 steps on 12k images
-    doubled the class accuracy of its samples over v1 (36.8% vs 20.4%) and halved FID (19.8 vs 41.4; 2,000
-    samples, v1 feature network), token accuracy still rising at every scale. Its size suits the budget: ~10k
-    steps x 32 x 130 tokens is ~40M tokens, ~15 per parameter (compute-optimal is ~20), so the steps go into
-    training longer, on 60k images (5 epochs, no repeats to memorise), with an EMA of 0.999. ~0.65 s/step.
-  - feature network: 2,500 steps gave 93.3% (2,000 held-out images; errors mostly hexagon <-> heart); adding
-    90-degree rotations did not help (91.0%), so 6,000 steps of the same recipe. ~0.33 s/step.
-  Alone on one core (AVX, 1 thread): ~21 + 6 (tokenising) + 110 + 33 min, ~2.9 h (`--serial`); by default the
-  feature network trains in a second process alongside. Wall times per stage are in MANIFEST.json.
-Files are float16 state_dicts (the loaders cast them back to float32), ~10 MB in all.
-
-    python pretrain_tiny.py                     # everything, into weights/
-    python pretrain_tiny.py --stage var         # retrain only the VAR (needs weights/tiny_vae.pt)
+    python pretrain_tiny.py                                              # everything, into weights/
     python pretrain_tiny.py --out_dir runs/tiny_v2 --serial [--resume]   # a staging copy, on one core
-    AIDVAR_TINY_DIR=runs/tiny_v2 python sample.py --w 0                   # any script on the staging copy
 """
 import argparse
-import hashlib
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -62,11 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 import data
 import models
-from models import make_shapes
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
 parser.add_argument('--stage', default='all', choices=['all', 'vae', 'var', 'featnet'])
@@ -77,8 +34,7 @@ parser.add_argument('--resume', action='store_true',
                     help='continue each stage from out_dir/resume_<stage>.pt; stages that finished are skipped')
 parser.add_argument('--ckpt_min', type=float, default=5.0, help='write the resume checkpoint every this many minutes')
 parser.add_argument('--stop_after', type=int, default=0,
-                    help='exit (with a checkpoint) after this many training steps of this process, all stages '
-                         'together: split a run into sessions; continue with --resume')
+                    help='end the session (with a checkpoint) after this many steps, all stages together; see --resume')
 parser.add_argument('--n_train', type=int, default=60000, help='training images (make_shapes(n_train, train_seed))')
 parser.add_argument('--n_val', type=int, default=2000, help='held-out images (make_shapes(n_val, val_seed))')
 parser.add_argument('--train_seed', type=int, default=0)
@@ -93,7 +49,7 @@ parser.add_argument('--vae_lr', type=float, default=2e-3)
 parser.add_argument('--vae_loss', default='l1', choices=['l1', 'mse'])
 parser.add_argument('--dead_window', type=int, default=50, help='re-seed codes unused over this many steps')
 parser.add_argument('--dead_until', type=float, default=0.8, help='stop re-seeding after this fraction of the steps')
-parser.add_argument('--vae_eval_every', type=int, default=500, help='print the val MSE every this many steps (0: at the end)')
+parser.add_argument('--vae_eval_every', type=int, default=500, help='val metrics every this many steps (0: at the end)')
 # VAR
 parser.add_argument('--var_steps', type=int, default=10000)
 parser.add_argument('--var_bs', type=int, default=32)
@@ -112,69 +68,38 @@ parser.add_argument('--score_n', type=int, default=1000, help='VAR samples the f
 parser.add_argument('--fn_steps', type=int, default=6000)
 parser.add_argument('--fn_bs', type=int, default=64)
 parser.add_argument('--fn_lr', type=float, default=1e-3)
-parser.add_argument('--fn_n_train', type=int, default=60000,
-                    help='its own training set (make_shapes(fn_n_train, train_seed)): the same images as --n_train by default')
-parser.add_argument('--serial', action='store_true',
-                    help='--stage all: train the feature network after the VAR instead of in a second process alongside')
+parser.add_argument('--fn_n_train', type=int, default=60000, help='its training images (train_seed)')
+parser.add_argument('--serial', action='store_true', help='--stage all: featnet after the VAR, not alongside')
 parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)  # the parallel featnet process
 args = parser.parse_args()
+DATA_INFO = dict(train_images=args.n_train, train_seed=args.train_seed, val_images=args.n_val, val_seed=args.val_seed,
+                 torch_seed=args.seed)  # every stage's MANIFEST.json entry
 
 
 # ----------------------------------------------------------------------------------------------------------
-# helpers
+# helpers: schedule, data, shipped files, manifest
 
-def lr_at(step, total, peak):
+def set_lr(opt, step, total, peak):
     """Linear warm-up then cosine decay to 1% of the peak."""
     warm = max(1, int(args.warmup * total))
-    if step < warm:
-        return peak * (step + 1) / warm
     t = (step - warm) / max(1, total - warm)
-    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def set_lr(opt, lr):
     for g in opt.param_groups:
-        g['lr'] = lr
+        g['lr'] = peak * (step + 1) / warm if step < warm else peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def fp16_roundtrip(model):
-    """The shipped state_dict (floats in fp16) and the model reloaded from it, so reported metrics are the shipped ones."""
-    sd = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous().clone()
-          for k, v in model.state_dict().items()}
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
-    return sd
+def batch_ids(step, n, bs):
+    """The minibatch of a step: every epoch is a permutation from its own seed, so no iterator state is needed."""
+    epoch, i = divmod(step, n // bs)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+    return perm[i * bs:(i + 1) * bs]
 
 
-def sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def read_manifest(out_dir):
-    path = out_dir / 'MANIFEST.json'
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_manifest(out_dir, manifest):
-    path = out_dir / 'MANIFEST.json'
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
-    os.replace(tmp, path)
-
-
-def recipe_command():
-    """The command line without the session flags (--resume / --stop_after N): a resumed run equals this one."""
-    return re.sub(r' --resume\b| --stop_after[ =]\S+', '', ' '.join(['python pretrain_tiny.py', *sys.argv[1:]]))
-
-
-def update_manifest(out_dir, name, info):
-    """Adds/replaces one file's entry in MANIFEST.json (other stages' entries are kept)."""
-    manifest = read_manifest(out_dir)
-    fpath = out_dir / models.TINY_FILES[name]
-    arch = {k: v for k, v in models.TINY_PRESETS[args.preset].items() if (k == 'featnet') == (name == 'featnet')}
-    manifest[models.TINY_FILES[name]] = dict(
-        sha256=sha256(fpath), size_bytes=fpath.stat().st_size, command=recipe_command(),
-        torch_version=torch.__version__, preset=args.preset, arch=arch.get('featnet', arch), **info)
-    write_manifest(out_dir, manifest)
+def shapes(n, seed):
+    """make_shapes(n, seed) as tensors: (images (N, H, W, 3) uint8, labels (N,) int64)."""
+    t0 = time.time()
+    img_NHW3, lab_N = (torch.from_numpy(a) for a in data.make_shapes(n, seed))
+    print(f'[data] {n} shapes (seed {seed}) in {time.time() - t0:.0f}s')
+    return img_NHW3, lab_N
 
 
 def load_file(model, out_dir, name):
@@ -182,9 +107,40 @@ def load_file(model, out_dir, name):
     return models.load_checked(model, models.load_state_dict_file(path), path, f'the tiny preset {name}')
 
 
+def update_manifest(out_dir, update):
+    """Read, update(manifest) in place, write: MANIFEST.json keeps the other files' entries."""
+    path = out_dir / 'MANIFEST.json'
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    update(manifest)
+    data.atomic_save(json.dumps(manifest, indent=2, sort_keys=True) + '\n', path)
+
+
+def ship(out_dir, stage, model, wall, metrics_fn, info):
+    """Writes the stage's file (floats in fp16), its MANIFEST.json entry and its done marker. The model is reloaded
+    from the fp16 weights first, so metrics_fn() measures what ships."""
+    model.requires_grad_(False)
+    sd = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous().clone()
+          for k, v in model.state_dict().items()}
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    metrics = metrics_fn()
+    print(f'[{stage}] {wall / 60:.1f} min; (fp16 weights) {metrics}')
+    path = out_dir / models.TINY_FILES[stage]
+    data.atomic_save(sd, path)
+    sha = data.sha256_file(path).hexdigest()
+    arch = {k: v for k, v in models.TINY_PRESETS[args.preset].items() if (k == 'featnet') == (stage == 'featnet')}
+    # the command without the session flags (--resume, --stop_after N): a resumed run records the same one
+    command = re.sub(r' --resume\b| --stop_after[ =]\S+', '', ' '.join(['python pretrain_tiny.py', *sys.argv[1:]]))
+    entry = dict(sha256=sha, size_bytes=path.stat().st_size, command=command, torch_version=torch.__version__,
+                 preset=args.preset, arch=arch.get('featnet', arch), stage=stage, wall_time_s=round(wall),
+                 metrics=metrics, **info)
+    update_manifest(out_dir, lambda manifest: manifest.update({path.name: entry}))
+    data.atomic_save(dict(stage=stage, done=True, sha256=sha), resume_path(out_dir, stage))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # resuming: every stage writes out_dir/resume_<stage>.pt (model, optimiser, EMA, RNG, step, loop state) every
-# --ckpt_min minutes, and a small "done" marker once its file is written. Batches are a function of the step
-# (batch_ids), so the RNG states are all a resumed run needs to continue bit-identically.
+# --ckpt_min minutes, and a small "done" marker once its file is written
+
 _ckpt = dict(last=time.time(), steps=0)
 
 
@@ -201,26 +157,28 @@ def load_resume(out_dir, stage):
 def stage_done(out_dir, stage):
     """--resume: the stage finished before and its file is still the one it wrote."""
     ck, path = load_resume(out_dir, stage), out_dir / models.TINY_FILES[stage]
-    done = bool(ck and ck.get('done') and path.is_file() and sha256(path) == ck['sha256'])
+    done = bool(ck and ck.get('done') and path.is_file() and data.sha256_file(path).hexdigest() == ck['sha256'])
     if done:
         print(f'[{stage}] finished in an earlier session: {path}')
     return done
 
 
-def mark_done(out_dir, stage):
-    data.atomic_save(dict(stage=stage, done=True, sha256=sha256(out_dir / models.TINY_FILES[stage])),
-                       resume_path(out_dir, stage))
-
-
-def restore(ck, model, opt, gen=None):
-    """Loads a checkpoint's model / optimiser / RNG states; returns the step to continue from."""
+def restore(out_dir, stage, model, opt, gen=None, **fresh):
+    """--resume: loads resume_<stage>.pt into model, opt, gen and torch's RNG and returns its loop state (the keys of
+    fresh: step, wall, ...); fresh itself when there is no checkpoint."""
+    ck = load_resume(out_dir, stage)
+    if not ck:
+        return fresh
+    if ck.get('done'):  # stage_done() said the file no longer matches: retraining would silently replace it
+        raise SystemExit(f'[{stage}] finished in an earlier session, but {out_dir / models.TINY_FILES[stage]} is missing '
+                         f'or changed since; restore it, or delete {resume_path(out_dir, stage)} to train the stage again.')
     model.load_state_dict(ck['model'])
     opt.load_state_dict(ck['opt'])
     if gen is not None:
         gen.set_state(ck['gen'])
     torch.set_rng_state(ck['rng'])
-    print(f'[{ck["stage"]}] resuming at step {ck["step"]}')
-    return ck['step']
+    print(f'[{stage}] resuming at step {ck["step"]}')
+    return {k: ck[k] for k in fresh}
 
 
 def after_step(out_dir, stage, step, state):
@@ -229,38 +187,12 @@ def after_step(out_dir, stage, step, state):
     _ckpt['steps'] += 1
     stop = args.stop_after and _ckpt['steps'] >= args.stop_after
     if stop or time.time() - _ckpt['last'] >= 60 * args.ckpt_min:
-        data.atomic_save(dict(stage=stage, step=step, rng=torch.get_rng_state(), **state()), resume_path(out_dir, stage))
+        ck = dict(stage=stage, step=step, rng=torch.get_rng_state(), **state())
+        data.atomic_save(ck, resume_path(out_dir, stage))
         _ckpt['last'] = time.time()
     if stop:
         print(f'\n[{stage}] --stop_after {args.stop_after}: stopped at step {step}; continue with --resume')
         sys.exit(0)
-
-
-def load_data(with_train):
-    """(train images, train labels) -- None, None without with_train (the feature network has its own set) --
-    and (val images, val labels), as tensors."""
-    t0 = time.time()
-    tr = [torch.from_numpy(a) for a in make_shapes(args.n_train, args.train_seed)] if with_train else [None, None]
-    va = [torch.from_numpy(a) for a in make_shapes(args.n_val, args.val_seed)]
-    print(f'[data] {f"{args.n_train} train (seed {args.train_seed}) + " if with_train else ""}{args.n_val} val '
-          f'(seed {args.val_seed}) shapes in {time.time() - t0:.0f}s')
-    return (*tr, *va)
-
-
-def batch_ids(step, n, bs):
-    """The minibatch of a step: every epoch is a permutation from its own seed, so no iterator state is needed."""
-    epoch, i = divmod(step, n // bs)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
-    return perm[i * bs:(i + 1) * bs]
-
-
-def steps_bar(stage, start, total):
-    return tqdm(range(start, total), initial=start, total=total, desc=stage, mininterval=10, file=sys.stdout)
-
-
-def data_info():
-    return dict(train_images=args.n_train, train_seed=args.train_seed, val_images=args.n_val, val_seed=args.val_seed,
-                torch_seed=args.seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,14 +240,12 @@ def train_vae(out_dir, tr_img, va_img):
     quant = vae.quantize
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
-    V, hits_V, start, wall = vae.vocab_size, torch.zeros(vae.vocab_size), 0, 0.0
-    ck = load_resume(out_dir, 'vae')
-    if ck:
-        start, hits_V, wall = restore(ck, vae, opt, gen), ck['hits_V'], ck['wall']
-    t0 = time.time() - wall  # wall time over all sessions
-    pbar = steps_bar('vae', start, args.vae_steps)
+    V = vae.vocab_size
+    st = restore(out_dir, 'vae', vae, opt, gen, step=0, hits_V=torch.zeros(V), wall=0.0)
+    start, hits_V, t0 = st['step'], st['hits_V'], time.time() - st['wall']  # wall time over all sessions
+    pbar = data.progress(range(start, args.vae_steps), initial=start, total=args.vae_steps, desc='vae', file=sys.stdout)
     for step in pbar:
-        set_lr(opt, lr_at(step, args.vae_steps, args.vae_lr))
+        set_lr(opt, step, args.vae_steps, args.vae_lr)
         x_B3HW = data.to_signed(tr_img[batch_ids(step, len(tr_img), args.vae_bs)])
         f_BChw = vae.quant_conv(vae.encoder(x_B3HW))
         f_hat_BChw, vq_loss, idx_ls = quant(f_BChw)
@@ -330,31 +260,23 @@ def train_vae(out_dir, tr_img, va_img):
             hits_V += torch.bincount(idx.flatten(), minlength=V).float()
         if (step + 1) % args.dead_window == 0:
             dead = (hits_V == 0).nonzero().flatten()
-            if len(dead) and step < args.dead_until * args.vae_steps:
+            n_reseed = len(dead) if step < args.dead_until * args.vae_steps else 0
+            if n_reseed:
                 # re-seed from residuals of all scales pooled: most positions live at the fine scales, so
                 # that is where new codes get used; small noise keeps twins from staying identical
                 z_NC = torch.cat(scale_residuals(quant, f_BChw.detach()))
                 pick = torch.randint(len(z_NC), (len(dead),), generator=gen)
                 quant.embedding.weight.data[dead] = z_NC[pick] + 0.01 * torch.randn(len(dead), z_NC.shape[1])
-            pbar.set_postfix_str(f'rec {rec_loss.item():.4f} vq {vq_loss.item():.4f} used {int((hits_V > 0).sum())}/{V} '
-                                 f'reseeded {len(dead) if step < args.dead_until * args.vae_steps else 0}')
+            pbar.set_postfix_str(f'rec {rec_loss.item():.4f} vq {vq_loss.item():.4f} '
+                                 f'used {int((hits_V > 0).sum())}/{V} reseeded {n_reseed}')
             hits_V.zero_()
         if args.vae_eval_every and (step + 1) % args.vae_eval_every == 0 and step + 1 < args.vae_steps:
             print(f'\n[vae] step {step + 1}: val {eval_vae(vae, va_img)}')
             vae.train()
         after_step(out_dir, 'vae', step + 1, lambda: dict(model=vae.state_dict(), opt=opt.state_dict(),
                                                           gen=gen.get_state(), hits_V=hits_V, wall=time.time() - t0))
-    wall = time.time() - t0
-    vae.requires_grad_(False)
-    sd = fp16_roundtrip(vae)
-    metrics = eval_vae(vae, va_img)
-    print(f'[vae] {wall / 60:.1f} min; val (fp16 weights): {metrics}')
-    path = out_dir / models.TINY_FILES['vae']
-    data.atomic_save(sd, path)
-    update_manifest(out_dir, 'vae', dict(stage='vae', steps=args.vae_steps, batch=args.vae_bs, lr=args.vae_lr,
-                                         loss=f'{args.vae_loss} + vq', wall_time_s=round(wall), metrics=metrics,
-                                         **data_info()))
-    mark_done(out_dir, 'vae')
+    ship(out_dir, 'vae', vae, time.time() - t0, lambda: eval_vae(vae, va_img),
+         dict(steps=args.vae_steps, batch=args.vae_bs, lr=args.vae_lr, loss=f'{args.vae_loss} + vq', **DATA_INFO))
     with torch.no_grad():  # originals (top) over reconstructions (bottom), for a quick look
         x = data.to_signed(va_img[:16])
         rec = vae.img_to_reconstructed_img(x, last_one=True)
@@ -368,87 +290,67 @@ def train_vae(out_dir, tr_img, va_img):
 @torch.no_grad()
 def tokenize(vae, img_u8, bs=500):
     """All images -> tokens (N, L) int64, scales concatenated."""
-    out = [torch.cat(vae.img_to_idxBl(data.to_signed(img_u8[i:i + bs])), dim=1)
-           for i in tqdm(range(0, len(img_u8), bs), desc='tokenise', mininterval=10, file=sys.stdout)]
-    return torch.cat(out)
+    return torch.cat([torch.cat(vae.img_to_idxBl(data.to_signed(img_u8[i:i + bs])), dim=1)
+                      for i in data.progress(range(0, len(img_u8), bs), desc='tokenise', file=sys.stdout)])
 
 
-def split_scales(tok_BL, patch_nums):
-    out, cur = [], 0
-    for pn in patch_nums:
-        out.append(tok_BL[:, cur:cur + pn * pn])
-        cur += pn * pn
-    return out
+def var_input(var, tok_BL):
+    """Teacher forcing: the tokens of all scales (B, L) -> the VAR's input (B, L - first_l, Cvae)."""
+    return var.vae.quantize.idxBl_to_var_input(list(tok_BL.split([pn * pn for pn in var.patch_nums], dim=1)))
 
 
 @torch.no_grad()
 def var_token_acc(var, tok_NL, lab_N, bs=250):
     """Teacher-forced token accuracy per scale (no class dropout)."""
     var.eval()
-    quant, hit_L, n = var.vae.quantize, torch.zeros(var.L), 0
+    hit_L, n = torch.zeros(var.L), 0
     for i in range(0, len(tok_NL), bs):
-        tok = tok_NL[i:i + bs]
-        logits_BLV = var(lab_N[i:i + bs], quant.idxBl_to_var_input(split_scales(tok, var.patch_nums)))
-        hit_L += (logits_BLV.argmax(-1) == tok).float().sum(0)
-        n += len(tok)
+        tok_BL = tok_NL[i:i + bs]
+        hit_L += (var(lab_N[i:i + bs], var_input(var, tok_BL)).argmax(-1) == tok_BL).float().sum(0)
+        n += len(tok_BL)
     return [round(hit_L[b:e].sum().item() / n / (e - b), 3) for b, e in var.begin_ends]
-
-
-@torch.no_grad()
-def sample_grid(var, path):
-    """10 samples per class, one row per class, fixed seed -> PNG (4x nearest). Returns (images, labels)."""
-    var.eval()
-    labels_B = torch.arange(10).repeat_interleave(10)
-    img_B3HW = var.autoregressive_infer_cfg(len(labels_B), labels_B, g_seed=0, cfg=args.cfg, top_k=args.top_k,
-                                            top_p=args.top_p)
-    save_image(F.interpolate(img_B3HW, scale_factor=4, mode='nearest'), path, nrow=10, padding=2, pad_value=1.0)
-    return img_B3HW, labels_B
 
 
 @torch.no_grad()
 def swap_ema(var, ema_P):
     """Exchanges the VAR's weights with the EMA's (no-op without EMA); twice restores them exactly."""
-    if ema_P is not None:
-        for p, e in zip(var.parameters(), ema_P):
-            tmp = p.detach().clone()
-            p.copy_(e)
-            e.copy_(tmp)
+    for p, e in zip(var.parameters(), ema_P or []):
+        tmp = p.detach().clone()
+        p.copy_(e)
+        e.copy_(tmp)
 
 
 def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
     torch.manual_seed(args.seed)
     vae, var = models.build_tiny(init=True, preset=args.preset)
     load_file(vae, out_dir, 'vae')  # var.vae *is* this object, so the VAR now sees the trained VQ-VAE
-    vae_sha = sha256(out_dir / models.TINY_FILES['vae'])
+    vae_sha = data.sha256_file(out_dir / models.TINY_FILES['vae']).hexdigest()
     vae.eval().requires_grad_(False)
-    quant = vae.quantize
     tr_tok, va_tok = tokenize(vae, tr_img), tokenize(vae, va_img)
     print(f'[var] tokens: train {tuple(tr_tok.shape)}, val {tuple(va_tok.shape)}; '
           f'{sum(p.numel() for p in var.parameters()) / 1e6:.2f}M parameters')
     # no weight decay on norms/biases/embeddings-like 1-D params and the position tables (official VAR does the same)
-    decay = [p for n, p in var.named_parameters() if p.ndim >= 2 and 'pos_' not in n and 'emb' not in n]
-    no_decay = [p for n, p in var.named_parameters() if not (p.ndim >= 2 and 'pos_' not in n and 'emb' not in n)]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.var_wd), dict(params=no_decay, weight_decay=0.0)],
+    decays = lambda n, p: p.ndim >= 2 and 'pos_' not in n and 'emb' not in n
+    params = list(var.named_parameters())
+    opt = torch.optim.AdamW([dict(params=[p for n, p in params if decays(n, p)], weight_decay=args.var_wd),
+                             dict(params=[p for n, p in params if not decays(n, p)], weight_decay=0.0)],
                             lr=args.var_lr, betas=(0.9, 0.95))
     ema_P = [p.detach().clone() for p in var.parameters()] if args.var_ema else None
-    start, wall, ema_loss, ema_acc = 0, 0.0, None, None
-    ck = load_resume(out_dir, 'var')
-    if ck:
-        if ck['vae_sha256'] != vae_sha:
-            raise SystemExit(f'{resume_path(out_dir, "var")} continues a VAR trained on another VQ-VAE than '
-                             f'{out_dir / models.TINY_FILES["vae"]}; delete it (or run without --resume)')
-        start, wall, ema_loss, ema_acc = restore(ck, var, opt), ck['wall'], ck['ema_loss'], ck['ema_acc']
-        for e, e_ck in zip(ema_P or [], ck['ema'] or []):
-            e.copy_(e_ck)
+    st = restore(out_dir, 'var', var, opt, step=0, wall=0.0, ema_loss=None, ema_acc=None, ema=None, vae_sha256=vae_sha)
+    if st['vae_sha256'] != vae_sha:
+        raise SystemExit(f'{resume_path(out_dir, "var")} continues a VAR trained on another VQ-VAE than '
+                         f'{out_dir / models.TINY_FILES["vae"]}; delete it (or run without --resume)')
+    for e, e_ck in zip(ema_P or [], st['ema'] or []):
+        e.copy_(e_ck)
+    start, ema_loss, ema_acc, t0 = st['step'], st['ema_loss'], st['ema_acc'], time.time() - st['wall']
     var.train()  # class dropout on: the unconditional branch of CFG is learnt here
-    t0 = time.time() - wall
-    pbar = steps_bar('var', start, args.var_steps)
+    pbar = data.progress(range(start, args.var_steps), initial=start, total=args.var_steps, desc='var', file=sys.stdout)
     for step in pbar:
-        set_lr(opt, lr_at(step, args.var_steps, args.var_lr))
+        set_lr(opt, step, args.var_steps, args.var_lr)
         ids = batch_ids(step, len(tr_tok), args.var_bs)
         tok_BL, lab_B = tr_tok[ids], tr_lab[ids]
         with torch.no_grad():
-            x_BLCv = quant.idxBl_to_var_input(split_scales(tok_BL, var.patch_nums))
+            x_BLCv = var_input(var, tok_BL)
         logits_BLV = var(lab_B, x_BLCv)
         loss = F.cross_entropy(logits_BLV.reshape(-1, var.V), tok_BL.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -464,68 +366,61 @@ def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
         pbar.set_postfix_str(f'loss {ema_loss:.3f} acc {ema_acc:.3f}')
         if (step + 1) % args.var_eval_every == 0 and step + 1 < args.var_steps:
             swap_ema(var, ema_P)  # the weights that will ship
-            print(f'\n[var] step {step + 1}: loss {ema_loss:.3f}, val token acc per scale {var_token_acc(var, va_tok, va_lab)}')
+            print(f'\n[var] step {step + 1}: loss {ema_loss:.3f}, '
+                  f'val token acc per scale {var_token_acc(var, va_tok, va_lab)}')
             swap_ema(var, ema_P)
             var.train()
         after_step(out_dir, 'var', step + 1, lambda: dict(
             model=var.state_dict(), opt=opt.state_dict(), ema=ema_P, vae_sha256=vae_sha,
             wall=time.time() - t0, ema_loss=ema_loss, ema_acc=ema_acc))
     wall = time.time() - t0
-    var.requires_grad_(False)
     swap_ema(var, ema_P)
-    sd = fp16_roundtrip(var)
     n_tr = min(len(tr_tok), 2000)
-    metrics = dict(train_token_acc_per_scale=var_token_acc(var, tr_tok[:n_tr], tr_lab[:n_tr]),
-                   val_token_acc_per_scale=var_token_acc(var, va_tok, va_lab), final_train_loss=round(ema_loss, 4))
-    print(f'[var] {wall / 60:.1f} min; (fp16 weights) {metrics}')
-    path = out_dir / models.TINY_FILES['var']
-    data.atomic_save(sd, path)
-    sample_grid(var, out_dir / 'pretrain_samples.png')
-    update_manifest(out_dir, 'var', dict(stage='var', steps=args.var_steps, batch=args.var_bs, lr=args.var_lr,
-                                         weight_decay=args.var_wd, grad_clip=args.var_clip, ema=args.var_ema,
-                                         wall_time_s=round(wall), metrics=metrics, vae_sha256=vae_sha, **data_info()))
-    mark_done(out_dir, 'var')
-    print(f'[var] samples (cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}) -> {out_dir / "pretrain_samples.png"}')
+    ship(out_dir, 'var', var, wall, lambda: dict(
+        train_token_acc_per_scale=var_token_acc(var, tr_tok[:n_tr], tr_lab[:n_tr]),
+        val_token_acc_per_scale=var_token_acc(var, va_tok, va_lab), final_train_loss=round(ema_loss, 4)),
+        dict(steps=args.var_steps, batch=args.var_bs, lr=args.var_lr, weight_decay=args.var_wd, grad_clip=args.var_clip,
+             ema=args.var_ema, vae_sha256=vae_sha, **DATA_INFO))
+    with torch.no_grad():  # 10 samples per class, a row per class, fixed seed (4x nearest)
+        var.eval()
+        img_B3HW = var.autoregressive_infer_cfg(100, torch.arange(10).repeat_interleave(10), g_seed=0, cfg=args.cfg,
+                                                top_k=args.top_k, top_p=args.top_p)
+        save_image(F.interpolate(img_B3HW, scale_factor=4, mode='nearest'), out_dir / 'pretrain_samples.png',
+                   nrow=10, padding=2, pad_value=1.0)
+    print(f'[var] samples (cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}) -> {out_dir}/pretrain_samples.png')
 
 
 # ----------------------------------------------------------------------------------------------------------
 # stage 3: feature network
 
-def featnet_input(net, x_B3HW):
-    """[-1, 1] images -> what the ViT expects, exactly as the projected discriminator feeds it."""
-    return models.vit_normalize(net, x_B3HW.add(1).div(2))
-
-
 @torch.no_grad()
 def featnet_acc(net, x_B3HW, lab_B, bs=250):
     net.eval()
-    pred = torch.cat([net(featnet_input(net, x_B3HW[i:i + bs])).argmax(-1) for i in range(0, len(x_B3HW), bs)])
+    pred = torch.cat([net(models.vit_normalize(net, x_B3HW[i:i + bs].add(1).div(2))).argmax(-1)
+                      for i in range(0, len(x_B3HW), bs)])
     return (pred == lab_B).float().mean().item()
 
 
 def train_featnet(out_dir, va_img, va_lab):
     torch.manual_seed(args.seed)
-    t0 = time.time()
-    tr_img, tr_lab = (torch.from_numpy(a) for a in make_shapes(args.fn_n_train, args.train_seed))
-    print(f'[featnet] {args.fn_n_train} training shapes (seed {args.train_seed}) in {time.time() - t0:.0f}s')
+    tr_img, tr_lab = shapes(args.fn_n_train, args.train_seed)
     net = models.build_featnet(args.preset)
     opt = torch.optim.AdamW(net.parameters(), lr=args.fn_lr, betas=(0.9, 0.999), weight_decay=0.05)
     gen = torch.Generator().manual_seed(args.seed)
-    start, wall, ema_loss = 0, 0.0, None
-    ck = load_resume(out_dir, 'featnet')
-    if ck:
-        start, wall, ema_loss = restore(ck, net, opt, gen), ck['wall'], ck['ema_loss']
+    st = restore(out_dir, 'featnet', net, opt, gen, step=0, wall=0.0, ema_loss=None)
+    start, ema_loss, t0 = st['step'], st['ema_loss'], time.time() - st['wall']
     net.train()
-    t0 = time.time() - wall
-    pbar = steps_bar('featnet', start, args.fn_steps)
+    pbar = data.progress(range(start, args.fn_steps), initial=start, total=args.fn_steps, desc='featnet',
+                         file=sys.stdout)
     for step in pbar:
-        set_lr(opt, lr_at(step, args.fn_steps, args.fn_lr))
+        set_lr(opt, step, args.fn_steps, args.fn_lr)
         ids = batch_ids(step, len(tr_img), args.fn_bs)
         x_B3HW = data.to_signed(tr_img[ids])
         # mirror half the batch: every class is mirror-symmetric up to rotation, so labels stay right
         flip_B = torch.rand(len(ids), generator=gen) < 0.5
         x_B3HW = torch.where(flip_B[:, None, None, None], x_B3HW.flip(-1), x_B3HW)
-        loss = F.cross_entropy(net(featnet_input(net, x_B3HW)), tr_lab[ids], label_smoothing=0.1)
+        # [0, 1] with the ViT's mean / std, exactly as the projected discriminator feeds it
+        loss = F.cross_entropy(net(models.vit_normalize(net, x_B3HW.add(1).div(2))), tr_lab[ids], label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -533,17 +428,11 @@ def train_featnet(out_dir, va_img, va_lab):
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         pbar.set_postfix_str(f'loss {ema_loss:.3f}')
         after_step(out_dir, 'featnet', step + 1, lambda: dict(model=net.state_dict(), opt=opt.state_dict(),
-                                                              gen=gen.get_state(), wall=time.time() - t0, ema_loss=ema_loss))
-    wall = time.time() - t0
-    net.requires_grad_(False)
-    sd = fp16_roundtrip(net)
-    metrics = dict(val_acc=round(featnet_acc(net, data.to_signed(va_img), va_lab), 4))
-    print(f'[featnet] {wall / 60:.1f} min; (fp16 weights) {metrics}')
-    data.atomic_save(sd, out_dir / models.TINY_FILES['featnet'])
-    update_manifest(out_dir, 'featnet', dict(stage='featnet', steps=args.fn_steps, batch=args.fn_bs, lr=args.fn_lr,
-                                             wall_time_s=round(wall), metrics=metrics,
-                                             **dict(data_info(), train_images=args.fn_n_train)))
-    mark_done(out_dir, 'featnet')
+                                                              gen=gen.get_state(), wall=time.time() - t0,
+                                                              ema_loss=ema_loss))
+    ship(out_dir, 'featnet', net, time.time() - t0,
+         lambda: dict(val_acc=round(featnet_acc(net, data.to_signed(va_img), va_lab), 4)),
+         dict(steps=args.fn_steps, batch=args.fn_bs, lr=args.fn_lr, **dict(DATA_INFO, train_images=args.fn_n_train)))
 
 
 @torch.no_grad()
@@ -562,12 +451,11 @@ def score_var_samples(out_dir):
                                                        top_p=args.top_p) for i, lab_B in enumerate(lab_N.split(250))])
     acc = round(featnet_acc(net, img_N3HW.mul(2).sub(1), lab_N), 4)
     print(f'[featnet] class accuracy on {len(lab_N)} VAR samples (cfg {args.cfg}): {acc}')
-    manifest = read_manifest(out_dir)
-    manifest.setdefault(models.TINY_FILES['featnet'], {}).setdefault('metrics', {}).update(
-        var_sample_acc=acc, var_sample_settings=dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, n=len(lab_N),
-                                                     g_seeds='1 + i for samples 250 i .. 250 i + 249',
-                                                     var_sha256=sha256(out_dir / models.TINY_FILES['var'])))
-    write_manifest(out_dir, manifest)
+    settings = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, n=len(lab_N),
+                    g_seeds='1 + i for samples 250 i .. 250 i + 249',
+                    var_sha256=data.sha256_file(out_dir / models.TINY_FILES['var']).hexdigest())
+    update_manifest(out_dir, lambda manifest: manifest.setdefault(models.TINY_FILES['featnet'], {}).setdefault(
+        'metrics', {}).update(var_sample_acc=acc, var_sample_settings=settings))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -589,7 +477,8 @@ def main():
         child = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], '--stage', 'featnet', '--child'],
                                  stdout=log, stderr=subprocess.STDOUT)
         print(f'[featnet] training in process {child.pid} alongside; log: {log.name}')
-    tr_img, tr_lab, va_img, va_lab = load_data(with_train=args.stage in ('all', 'vae', 'var'))
+    tr_img, tr_lab = shapes(args.n_train, args.train_seed) if args.stage in ('all', 'vae', 'var') else (None, None)
+    va_img, va_lab = shapes(args.n_val, args.val_seed)  # the feature network makes its own training set
     if 'vae' in stages and not stage_done(out_dir, 'vae'):
         train_vae(out_dir, tr_img, va_img)
     if 'var' in stages and not stage_done(out_dir, 'var'):

@@ -1,32 +1,16 @@
 """AID-VAR sampling: npz files in the ADM evaluator format, image grids, scale-by-scale progressions.
 
-    python sample.py --w 0.01                        # tiny preset: shipped VAR + injector, CPU, seconds
-    python sample.py --w 0 0.01 --progression        # paired baseline / guided from identical seeds
-    python sample.py --depth 16 --injector runs/injector/injector.pt --w 0 0.001
-    accelerate launch sample.py --depth 16 --injector ... --w 0.001   # 50 per class x 1000 classes, all GPUs
+    python sample.py --w 0 0.1 --progression       # tiny preset: shipped VAR + injector, paired baseline / guided
+    accelerate launch sample.py --depth 16 --injector runs/injector/injector.pt --w 0 0.001   # 50k per w, all GPUs
 
-Writes into --out_dir, for every guidance weight w given to --w:
-  samples_w{w}.npz   arr_0 (N, H, W, 3) uint8 (ADM evaluator format), labels (N,) int64,
-                     tokens (N, sum pn^2) int16 (every scale's token map, scale-major, row-major inside a
-                     scale: evaluate.py rebuilds the intermediate images for ISCS from them),
-                     preset ('tiny' or 'd16'...), meta (JSON string: every setting that shapes the samples)
-  grid_w{w}.png      the first samples of the first classes, one row per class
-  progression.png    (--progression) a few samples scale by scale, one column block per w (w = 0 first)
-
-Determinism: labels are class-major (--num_per_class of each of --classes, in order); batch b (of
---batch_size) samples with the generator seed derived from (--seed, b) alone. So every w sees the same
-labels and seeds (a paired comparison), any batch can be recomputed alone, and the number of GPUs does not
-change the result. Resume: finished batches are written to out_dir/.partial_w{w}/ (atomic renames); a rerun
-with the same settings skips them, and merges into samples_w{w}.npz when all are done (then the partial
-folder is removed). A finished samples_w{w}.npz with the same settings is not recomputed.
-Images are converted like the VAR and ADM samplers do: x in [0, 1] -> uint8(255 x), truncating.
-With --more_smooth, arr_0 is decoded from VAR's Gumbel-smoothed embeddings while `tokens` holds the hard
-samples, so ISCS (rebuilt from the tokens) then describes the unsmoothed token maps.
+Per w: samples_w{w}.npz (arr_0 uint8 NHWC, labels, tokens of every scale, preset, meta JSON of every setting) and
+grid_w{w}.png. Batch b draws from a seed of (--seed, b) alone, so every w sees the same labels and seeds, and the
+GPU count does not change the result; finished batches wait in .partial_w{w}/ and a rerun resumes. docs/sampling.md
+has the details.
 """
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -51,7 +35,7 @@ p.add_argument('--random_init', action='store_true',
                help='random VAR / VQ-VAE (seed 0) and a random non-zero injector: tests and benchmarks only')
 p.add_argument('--w', type=float, nargs='+', default=None,
                help="guidance weight(s), finite; several give one npz each from identical seeds (default: the injector's "
-                    "w_train: 0.001 for the paper's real models, 0.01 for the shipped tiny injector). Negative or > 1 "
+                    "w_train: 0.001 for the paper's real models, 0.1 for the shipped tiny injector). Negative or > 1 "
                     "runs with a warning")
 p.add_argument('--inject', choices=['input', 'head'], default=None, help="default: the injector's training setting")
 p.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance scale (the VAR evaluation protocol: 1.5)')
@@ -96,12 +80,12 @@ def check_ws(ws):
 
 def resolve_args(argv=None):
     args = p.parse_args(argv)
-    tiny = args.depth is None
+    preset = models.preset_of(args.depth)
     if args.num_per_class is None:
-        args.num_per_class = 10 if tiny else 50
-    if not tiny:  # the VAR evaluation protocol
-        args.top_k = 900 if args.top_k is None else args.top_k
-        args.top_p = 0.96 if args.top_p is None else args.top_p
+        args.num_per_class = preset['num_per_class']
+    if args.depth is not None:  # the VAR evaluation protocol; the tiny preset reads the injector's own settings
+        args.top_k = preset['top_k'] if args.top_k is None else args.top_k
+        args.top_p = preset['top_p'] if args.top_p is None else args.top_p
     if args.num_per_class < 1 or args.batch_size < 1:
         raise SystemExit(f'--num_per_class and --batch_size must be >= 1, got {args.num_per_class} and {args.batch_size}')
     if args.seed < 0:
@@ -130,10 +114,10 @@ def build_models(args, device):
     """Frozen (vae, var) and, when needed, the injector with its meta."""
     if args.random_init:
         vae, var = models.build_random(args.depth, device)  # evaluate.py --random_init rebuilds the same VQ-VAE
-        inj = models.GuidanceInjector(var.C, var.patch_nums)
-        nn.init.normal_(inj.proj_out.weight, std=0.1)  # an untrained injector outputs exactly 0; 0.1 moves tokens
+        injector = models.GuidanceInjector(var.C, var.patch_nums)
+        nn.init.normal_(injector.proj_out.weight, std=0.1)  # an untrained injector outputs exactly 0; 0.1 moves tokens
         meta = dict(inject='input', w_train=0.001, source='random')
-        return vae, var, models.frozen(inj, device), meta
+        return vae, var, models.frozen(injector, device), meta
     vae, var = models.load_vae_var(args.depth, args.ckpt_dir, device)
     if args.plant:
         models.plant_error(var, args.plant, args.plant_strength, args.plant_seed)
@@ -148,8 +132,8 @@ def build_models(args, device):
         if not Path(path).is_file():
             raise SystemExit(f'The shipped tiny injector {path} is missing: restore it with `git checkout -- weights/`, '
                              f'train one with `python train_injector.py` and pass --injector, or sample plain VAR with --w 0.')
-    inj, meta = models.load_injector(path, var, device)
-    return vae, var, inj, dict(meta, source=str(path), sha256=data.sha256_file(path).hexdigest()[:16])
+    injector, meta = models.load_injector(path, var, device)
+    return vae, var, injector, dict(meta, source=str(path), sha256=data.sha256_file(path).hexdigest()[:16])
 
 
 def settings_of(args, var, inj_meta, w, labels_N) -> dict:
@@ -219,8 +203,8 @@ def merge(out_path, part_dir, n_batches, labels_N, settings, grid_path, grid_idx
             start += len(arr)
             yield arr
     data.save_npz(out_path, {'labels': labels_N, 'tokens': np.concatenate(tokens), 'preset': np.array(settings['preset']),
-                        'meta': np.array(json.dumps(settings, sort_keys=True))},
-             arr_0_parts=((len(labels_N), H, W, 3), np.uint8, arr_0_parts()))
+                             'meta': np.array(json.dumps(settings, sort_keys=True))},
+                  arr_0_parts=((len(labels_N), H, W, 3), np.uint8, arr_0_parts()))
     imgs = torch.from_numpy(np.stack([grid[i] for i in grid_idx])).permute(0, 3, 1, 2).float().div(255)
     save_image(for_png(imgs), grid_path, nrow=grid_cols, padding=1)
 
@@ -261,34 +245,36 @@ def progression(path, vae, var, hook, args, labels_N, ws, out_dir, autocast):
 def main(argv=None):
     args = resolve_args(argv)
     # cpu=True on a GPU-less machine lets torchrun-style launches (accelerate launch --multi_gpu) use gloo on the CPU
-    acc = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
-    device, rank, world = acc.device, acc.process_index, acc.num_processes
+    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if args.mixed_precision is None:
         args.mixed_precision = 'fp16' if device.type == 'cuda' else 'no'
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.mixed_precision, torch.bfloat16)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.mixed_precision != 'no')
 
-    with acc.main_process_first():  # downloads happen once; the other ranks then read the files
-        vae, var, inj, inj_meta = build_models(args, device)
+    with accelerator.main_process_first():  # downloads happen once; the other ranks then read the files
+        vae, var, injector, inj_meta = build_models(args, device)
     if args.w is None:
         args.w = [inj_meta.get('w_train', 0.001)]
     if args.inject is None:
         args.inject = inj_meta.get('inject', 'input')
-    if args.depth is None:  # tiny: the values tuned with the injector, when its file records them
-        args.top_k = inj_meta.get('top_k', 0) if args.top_k is None else args.top_k
-        args.top_p = inj_meta.get('top_p', 0.0) if args.top_p is None else args.top_p
+    preset = models.preset_of(args.depth)
+    if args.top_k is None:  # tiny: the values tuned with the injector, when its file records them
+        args.top_k = inj_meta.get('top_k', preset['top_k'])
+    if args.top_p is None:
+        args.top_p = inj_meta.get('top_p', preset['top_p'])
     if args.classes is None:
         args.classes = list(range(var.num_classes))
     bad = [c for c in args.classes if not 0 <= c < var.num_classes]
     if bad:
         raise SystemExit(f'--classes {bad} out of range: this VAR has classes 0..{var.num_classes - 1}')
-    hook = models.make_guidance_hook(var, inj) if inj is not None else None
+    hook = models.make_guidance_hook(var, injector) if injector is not None else None
     ws = list(dict.fromkeys(float(w) for w in args.w))
     labels_N = class_major_labels(args.classes, args.num_per_class)
     bs = args.batch_size
     n_batches = -(-len(labels_N) // bs)
     out_dir = Path(args.out_dir)
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         print(f'[sample] {"tiny preset" if args.depth is None else f"VAR-d{args.depth}"}'
               f'{" (random init)" if args.random_init else ""}: {len(labels_N)} samples ({len(args.classes)} classes x '
@@ -305,16 +291,13 @@ def main(argv=None):
             if old != settings:
                 raise SystemExit(f'{final} exists but was sampled with other settings ({settings_diff(old, settings)}); '
                                  f'use another --out_dir or delete it.')
-            if acc.is_main_process:
+            if accelerator.is_main_process:
                 print(f'[sample] {final} is complete with these settings: not recomputed')
             continue
         part_dir = out_dir / f'.partial_w{w_tag(w)}'
-        if acc.is_main_process and not (part_dir / 'settings.json').is_file():
-            part_dir.mkdir(parents=True, exist_ok=True)
-            tmp = part_dir / f'.settings.json.tmp{os.getpid()}'
-            tmp.write_text(json.dumps(settings, sort_keys=True, indent=1))
-            os.replace(tmp, part_dir / 'settings.json')
-        acc.wait_for_everyone()
+        if accelerator.is_main_process and not (part_dir / 'settings.json').is_file():
+            data.atomic_save(json.dumps(settings, sort_keys=True, indent=1), part_dir / 'settings.json')
+        accelerator.wait_for_everyone()
         old = json.loads((part_dir / 'settings.json').read_text())
         if old != settings:
             raise SystemExit(f'{part_dir} holds an unfinished run with other settings ({settings_diff(old, settings)}); '
@@ -324,19 +307,19 @@ def main(argv=None):
     todo = [(job, b) for job in jobs for b in range(rank, n_batches, world)
             if not (job[2] / f'batch_{b:05d}.npz').is_file()]
     done_before = sum(1 for job in jobs for b in range(rank, n_batches, world)) - len(todo)
-    if done_before and acc.is_main_process:
+    if done_before and accelerator.is_main_process:
         print(f'[sample] resuming: {done_before} finished batches found')
     if args.max_batches is not None:
         todo = todo[:args.max_batches]
-    for (w, _, part_dir, _), b in data.progress(todo, desc='sample', unit='batch', disable=not acc.is_main_process,
+    for (w, _, part_dir, _), b in data.progress(todo, desc='sample', unit='batch', disable=not accelerator.is_main_process,
                                                   dynamic_ncols=True):
         labels_B = torch.from_numpy(labels_N[b * bs:(b + 1) * bs]).to(device)
         img_BHW3, tokens_BL = sample_batch(var, hook, args, labels_B, batch_seed(args.seed, b), w, autocast())
         data.save_npz(part_dir / f'batch_{b:05d}.npz', {'arr_0': img_BHW3, 'tokens': tokens_BL})
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
 
     written = {}
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         grid_idx, grid_cols = grid_indices(labels_N, args.classes)
         for w, settings, part_dir, final in jobs:
             missing = [b for b in range(n_batches) if not (part_dir / f'batch_{b:05d}.npz').is_file()]

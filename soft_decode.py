@@ -1,17 +1,10 @@
 """Differentiable decoding of token *probabilities* through the frozen VQ-VAE (AID-VAR §3.2, eq. 5).
 
-Per-scale probability maps (B, pn_k^2, V) become code maps `probs @ codebook`, which are accumulated into
-f_hat exactly as the VQ-VAE does (bicubic upsampling + the shared Phi convolutions) and decoded to RGB.
-One-hot maps give bit-for-bit the hard decode `VQVAE.idxBl_to_img`, so real images (ground-truth tokens)
-and generated ones (soft probabilities) go through the same function (`disc_images` builds both for D). Gradients flow from the image back
-to the probabilities: the VQ-VAE's weights are frozen, but nothing here runs under `no_grad`.
-
-Relaxations (`relax`):
-  soft    softmax(logits / tau): the expected code embedding (the paper's choice);
-  gumbel  softmax((logits + Gumbel noise) / tau): a relaxed sample;
-  st      straight-through: the forward pass is the hard one-hot argmax, the backward pass the soft gradient;
-  st_gumbel  straight-through Gumbel: the forward pass is a hard one-hot *sample* (the token inference would draw),
-          the backward pass the gradient of the relaxed sample softmax((logits + the same noise) / tau).
+Per-scale probability maps (B, pn_k^2, V) become code maps `probs @ codebook`, accumulated into f_hat exactly as
+the VQ-VAE does (bicubic upsampling + the shared Phi convolutions) and decoded to RGB. One-hot maps give bit for
+bit the hard decode `VQVAE.idxBl_to_img`, so real images and generated ones go through the same function
+(`disc_images` builds both for D). The VQ-VAE is frozen, but nothing here runs under `no_grad`: gradients flow
+from the image back to the probabilities.
 """
 from typing import List, Optional
 
@@ -23,7 +16,12 @@ MODES = ('soft', 'gumbel', 'st', 'st_gumbel')
 
 def relax(logits_BlV: torch.Tensor, mode: str = 'soft', tau: float = 1.0,
           generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Logits (B, l, V) -> differentiable token probabilities (B, l, V), rows summing to 1."""
+    """Logits (B, l, V) -> differentiable token probabilities (B, l, V), rows summing to 1.
+
+    soft: softmax(logits / tau), the expected code embedding (the paper's choice); gumbel: softmax((logits + Gumbel
+    noise) / tau), a relaxed sample; st: straight-through, the hard one-hot argmax forward and the soft gradient
+    backward; st_gumbel: a hard one-hot sample (the token inference would draw) forward, the gradient of the
+    relaxed sample with the same noise backward."""
     if mode not in MODES:
         raise ValueError(f'decode mode must be one of {MODES}, got {mode!r}')
     if mode in ('gumbel', 'st_gumbel'):

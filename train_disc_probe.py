@@ -1,11 +1,9 @@
 """Discriminator probe (paper App. C, Figure 10): can D tell real from frozen-VAR images, scale by scale?
 
-Trains a discriminator alone (no injector) on real images vs samples of the frozen VAR, at every scale k:
-the cumulative image (RGB) or latent (f_hat) of token scales 0..k, real side from ground-truth tokens.
-  --space rgb     the projected discriminator on soft-decoded RGB (the one AID-VAR trains against)
-  --space latent  spectral-norm heads directly on the VQ-VAE's f_hat (the collapse case of App. C)
-Writes a per-step, per-scale CSV (acc_real, acc_fake, loss_D), a plot of it, and the D heads
-(--space rgb: usable as `train_injector.py --disc_ckpt`).
+D alone (no injector), real vs frozen-VAR samples, on the cumulative image of scales 0..k at every scale k:
+--space rgb the projected discriminator AID-VAR trains against, --space latent spectral-norm heads on the VQ-VAE's
+f_hat (the collapse case of App. C). Writes a per-step, per-scale CSV (acc_real, acc_fake, loss_D), its plot, and
+the D heads (--space rgb: usable as `train_injector.py --disc_ckpt`).
 
     python train_disc_probe.py --space rgb   &&   python train_disc_probe.py --space latent     # tiny preset
     accelerate launch train_disc_probe.py --depth 16 --data_path /data/imagenet --space rgb       # real models
@@ -33,16 +31,18 @@ p.add_argument('--space', choices=['rgb', 'latent'], default='rgb',
 p.add_argument('--steps', type=int, default=200, help='D steps')
 p.add_argument('--batch_size', type=int, default=16, help='real and fake images per step (each)')
 p.add_argument('--lr_d', type=float, default=2e-3, help='D learning rate (AdamW)')
-p.add_argument('--disc_norm', choices=list(models.DISC_NORMS), default=None,
-               help="D heads' norm (default as train_injector.py: bn for the real models, none for the tiny preset)")
-p.add_argument('--disc_aug', choices=list(models.DISC_AUGS), default=None,
-               help='DiffAugment in D (default as train_injector.py: diffaug for the real models, none for the tiny preset)')
+p.add_argument('--disc_norm', choices=list(models.DISC_NORMS), default=None, help="D heads' norm")
+p.add_argument('--disc_aug', choices=list(models.DISC_AUGS), default=None, help='DiffAugment in D')
 p.add_argument('--cfg', type=float, default=1.5, help='CFG of the frozen-VAR samples')
-p.add_argument('--top_k', type=int, default=None, help='default: 900 for real models, 0 for tiny')
-p.add_argument('--top_p', type=float, default=None, help='default: 0.96 for real models, 0 for tiny')
+p.add_argument('--top_k', type=int, default=None, help='top-k of the frozen-VAR samples (0: off)')
+p.add_argument('--top_p', type=float, default=None, help='top-p of the frozen-VAR samples (0: off)')
 p.add_argument('--out_dir', type=str, default='runs/disc_probe', help='CSV, plot and D heads go here')
 p.add_argument('--seed', type=int, default=0, help='weights, data order and samples')
 p.add_argument('--n_tiny', type=int, default=20000, help='tiny preset: number of training shapes')
+for action in p._actions:  # flags left at None take models.PRESETS' value, as in train_injector.py
+    if action.default is None and action.dest in models.PRESETS['tiny']:
+        action.help += f' (default: {models.PRESETS["real"][action.dest]} for real models, ' \
+                       f'{models.PRESETS["tiny"][action.dest]} for tiny)'
 
 
 class LatentDiscriminator(nn.Module):
@@ -86,11 +86,9 @@ def plot_curves(rows, SN, path):
 
 def main(argv=None):
     args = p.parse_args(argv)
-    norm, aug = models.DISC_DEFAULTS['tiny' if args.depth is None else 'real']
-    args.disc_norm, args.disc_aug = args.disc_norm or norm, args.disc_aug or aug
-    real_model = args.depth is not None
-    top_k = args.top_k if args.top_k is not None else (900 if real_model else 0)
-    top_p = args.top_p if args.top_p is not None else (0.96 if real_model else 0.0)
+    for k, v in models.preset_of(args.depth).items():
+        if hasattr(args, k) and getattr(args, k) is None:
+            setattr(args, k, v)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,10 +99,7 @@ def main(argv=None):
     else:
         vae, var = models.load_vae_var(args.depth, args.ckpt_dir, device)
     if args.space == 'rgb':
-        if args.random_init:
-            backbone = models.build_featnet() if not real_model else models.build_backbone_dino(pretrained=False)
-        else:
-            backbone = models.load_featnet() if not real_model else models.build_backbone_dino(ckpt=args.dino_ckpt)
+        backbone = models.build_feature_net(models.preset_of(args.depth)['name'], not args.random_init, args.dino_ckpt)
         D = models.ProjectedDiscriminator(backbone, num_classes=var.num_classes, norm=args.disc_norm,
                                           diffaug=args.disc_aug).to(device)
         params = list(D.head_parameters())
@@ -125,7 +120,8 @@ def main(argv=None):
                 img_B3HW, labels_B = img_B3HW.to(device), labels_B.to(device)
                 with torch.no_grad():
                     real_idx = vae.img_to_idxBl(img_B3HW)
-                    _, fake_idx = var.autoregressive_infer_cfg(B, labels_B, cfg=args.cfg, top_k=top_k, top_p=top_p, ret_idx=True)
+                    _, fake_idx = var.autoregressive_infer_cfg(B, labels_B, cfg=args.cfg, top_k=args.top_k,
+                                                               top_p=args.top_p, ret_idx=True)
                     reals, fakes = scale_inputs(vae, real_idx, args.space), scale_inputs(vae, fake_idx, args.space)
                 # one D call per scale and side: ghost batch norm must not mix real with fake or scales
                 out_r = [D(x, labels_B) for x in reals]

@@ -4,7 +4,7 @@ Measures images/s of every network evaluate.py runs, in one process, interleaved
 prints the ratios to the tiny feature network, so the numbers stay meaningful on a noisy machine:
   featnet       the tiny preset's feature ViT on 32x32 uint8 samples (FID / IS / PR, tiny)
   inception     FID InceptionV3 on 256x256 uint8 samples (resize to 299 included; FID / IS / PR, real models)
-  dino          DINO ViT-S/16 CLS on 256x256 decoded images (resize to 224 included; ISCS phi, real models)
+  dino          DINO ViT-S/16 CLS on 256x256 decoded images (resize to 224 included; ISCS features, real models)
   iscs_tiny     ISCS per tiny sample: 6 prefix decodes through the tiny VQ-VAE + 6 featnet passes
   iscs_real     (--real_vae) ISCS per real sample: 10 decodes through the 256x256 VQ-VAE + 10 DINO passes
 Speed does not depend on the weights, so random ones are used (nothing to download).
@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import evaluate  # noqa: E402
 import models  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -41,9 +40,9 @@ def main():
     rng = np.random.default_rng(0)
     u8_tiny = rng.integers(0, 256, (B, 32, 32, 3), dtype=np.uint8)
     u8_real = rng.integers(0, 256, (B, 256, 256, 3), dtype=np.uint8)
-    featnet = models.frozen(models.build_featnet(), dev)
-    inception = evaluate.FIDInceptionV3().to(dev).eval().requires_grad_(False)
-    dino = models.frozen(models.build_backbone_dino(pretrained=False), dev)
+    featnet = models.frozen(models.build_feature_net('tiny', pretrained=False), dev)
+    inception = models.frozen(models.FIDInceptionV3(), dev)
+    dino = models.frozen(models.build_feature_net('real', pretrained=False), dev)
     x_real = torch.rand(B, 3, 256, 256, device=dev) * 2 - 1
     vae_t, _ = models.build_tiny()
     vae_t = models.frozen(vae_t, dev)
@@ -51,10 +50,10 @@ def main():
     tok_t = rng.integers(0, models.TINY['V'], (B, L_t))
 
     cases = {
-        'featnet': lambda: evaluate.featnet_features(u8_tiny, featnet, B, dev, progress=False),
-        'inception': lambda: evaluate.inception_features(u8_real, inception, B, dev, progress=False),
-        'dino': lambda: evaluate.vit_cls(dino, x_real),
-        'iscs_tiny': lambda: evaluate.scale_features(vae_t, featnet, tok_t, models.TINY['patch_nums'], B, dev,
+        'featnet': lambda: models.featnet_features(u8_tiny, featnet, B, dev, progress=False),
+        'inception': lambda: models.inception_features(u8_real, inception, B, dev, progress=False),
+        'dino': lambda: models.vit_cls(dino, x_real),
+        'iscs_tiny': lambda: models.scale_features(vae_t, featnet, tok_t, models.TINY['patch_nums'], B, dev,
                                                      progress=False),
     }
     if args.real_vae:
@@ -63,7 +62,7 @@ def main():
         for prm in vae_r.parameters():
             torch.nn.init.normal_(prm, std=0.02)
         tok_r = rng.integers(0, 4096, (B, sum(pn * pn for pn in models.REAL_PATCH_NUMS)))
-        cases['iscs_real'] = lambda: evaluate.scale_features(vae_r, dino, tok_r, models.REAL_PATCH_NUMS, B, dev,
+        cases['iscs_real'] = lambda: models.scale_features(vae_r, dino, tok_r, models.REAL_PATCH_NUMS, B, dev,
                                                              progress=False)
     times = {k: [] for k in cases}
     with torch.no_grad():

@@ -1,72 +1,60 @@
 """Cost of one AID-VAR training step, --inject input vs --inject head (VAR-d16 geometry, random weights, CPU).
 
-Each mode runs in its own subprocess so that its peak memory (max RSS) is its own. Prints seconds per step
-(median over --steps after one warm-up step), peak memory, and the input/head ratios from this one run.
+train_injector.py runs as a script in its own subprocess per mode, so that its peak memory (max RSS) is its own.
+Prints seconds per step (from its log.jsonl: median over --steps after one warm-up step), peak memory, the FLOPs of
+one step (two more runs, of 1 and 2 steps, under the FLOP counter: the difference) and the input/head ratios.
 
     python benchmarks/bench_train_step.py [--depth 16] [--batch 2] [--steps 3]
     python benchmarks/bench_train_step.py --tiny           # tiny-preset geometry, quick
 """
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import data  # noqa: E402
+import models  # noqa: E402
+import perf  # noqa: E402  (benchmarks/perf.py)
 
 p = argparse.ArgumentParser()
 p.add_argument('--depth', type=int, default=16)
 p.add_argument('--tiny', action='store_true')
 p.add_argument('--batch', type=int, default=2)
 p.add_argument('--steps', type=int, default=3)
-p.add_argument('--mode', choices=['input', 'head'], default=None, help='internal: run one mode and print JSON')
 
 
-def run_mode(args):
-    from accelerate import Accelerator
-    import models
-    import train_injector as ti
-    argv = ['--random_init', '--inject', args.mode, '--global_batch_size', str(args.batch), '--mixed_precision', 'no']
-    if not args.tiny:
-        argv += ['--depth', str(args.depth)]
-    targs = ti.resolve_args(argv)
-    acc = Accelerator(cpu=True)
-    vae, var, D, G = ti.build_everything(targs, 'cpu')
-    opt_g = torch.optim.AdamW(G.parameters(), lr=targs.lr_g)
-    opt_d = torch.optim.AdamW(D.head_parameters(), lr=targs.lr_d)
-    side = var.patch_nums[-1] * vae.downsample
-    img = torch.rand(args.batch, 3, side, side) * 2 - 1
-    labels = torch.arange(args.batch) % var.num_classes
-    targs.real_temps = ti.real_temperatures(targs, torch.utils.data.TensorDataset(img, labels), var, 'cpu', n=args.batch)
-    times = []
-    for step in range(args.steps + 1):
-        t0 = time.perf_counter()
-        ti.train_step(step + 1, img, labels, vae, var, D, G, opt_d, opt_g, targs, acc, lambda *a: None)  # R1 off at odd steps
-        times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:  # the FLOPs of one step, for GPU estimates (README)
-        ti.train_step(1, img, labels, vae, var, D, G, opt_d, opt_g, targs, acc, lambda *a: None)
-    print(json.dumps(dict(s_per_step=statistics.median(times[1:]), peak_rss_gb=peak, threads=torch.get_num_threads(),
-                          gflop_per_step=fc.get_total_flops() / 1e9,
-                          var_params=sum(q.numel() for q in var.parameters()))))
+def measure(args, mode, tmp):
+    """s/step, peak RSS, threads and GFLOP per step of train_injector.py --inject mode (R1 off: a step without R1)."""
+    preset = models.preset_of(None if args.tiny else args.depth)
+    n, side = max(args.batch, 64), preset['resolution']  # 64 images: the soft reals' temperature match
+    images = np.random.default_rng(0).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    data.save_npz(tmp / 'data.npz', dict(arr_0=images, labels=np.arange(n) % preset['num_classes']))
+    argv = ['train_injector.py', '--random_init', '--inject', mode, '--global_batch_size', str(args.batch),
+            '--r1_gamma', '0', '--sample_every', '0', '--num_workers', '0', '--mixed_precision', 'no',
+            '--data_path', str(tmp / 'data.npz')] + ([] if args.tiny else ['--depth', str(args.depth)])
+    env = dict(OMP_NUM_THREADS=str(torch.get_num_threads()), CUDA_VISIBLE_DEVICES='')  # the CPU, its default threads
+    run = lambda steps, out, flops: perf.run_measured(argv + ['--max_steps', str(steps), '--out_dir', str(tmp / out)],
+                                                      tmp / f'{out}.log', flops=flops, env=env)
+    res = run(args.steps + 1, 'timed', False)
+    rows = [json.loads(line) for line in open(tmp / 'timed' / 'log.jsonl')]
+    flops = run(2, 'flops2', True)['flops'] - run(1, 'flops1', True)['flops']  # the second step's FLOPs
+    return dict(s_per_step=statistics.median(args.batch / r['img_per_s'] for r in rows[1:]), peak_rss_gb=res['peak_mem_gib'],
+                threads=res['threads'], gflop_per_step=flops / 1e9)
 
 
 def main():
     args = p.parse_args()
-    if args.mode:
-        return run_mode(args)
     res = {}
     for mode in ('input', 'head'):
-        cmd = [sys.executable, __file__, '--mode', mode, '--batch', str(args.batch), '--steps', str(args.steps), '--depth', str(args.depth)]
-        out = subprocess.run(cmd + (['--tiny'] if args.tiny else []), capture_output=True, text=True, check=True).stdout
-        res[mode] = json.loads(out.strip().splitlines()[-1])
+        with tempfile.TemporaryDirectory() as tmp:
+            res[mode] = measure(args, mode, Path(tmp))
     geom = 'tiny' if args.tiny else f'd{args.depth}'
     print(f'AID-VAR training step, VAR-{geom} geometry, random weights, CPU ({res["input"]["threads"]} threads), '
           f'per-device batch {args.batch}, median of {args.steps}')

@@ -9,12 +9,13 @@ Rows:
                       configuration with torch.utils.flop_counter) over the matmul rate, peak memory
   decode_d16          the VQ-VAE decode alone, NCHW vs channels-last input (the sampler decodes channels-last)
   train_d16_input, train_d16_head, train_d24_input, train_d24_head
-                      one train_injector.py step (its own train_step, --random_init, bf16, per-GPU batch 32, no R1):
-                      s/step and peak GPU memory (the paper reports 14.8 GB at d16)
+                      train_injector.py itself, in a subprocess (--random_init, bf16, per-GPU batch 32, no R1): s/step
+                      from its log.jsonl (median after one warm-up step) and the run's peak GPU memory (the paper
+                      reports 14.8 GB at d16)
   fid_inception       evaluate.py's FID InceptionV3 on 256x256 uint8 samples, resize to 299 included: images/s
-  dino                DINO ViT-S/16 CLS features (evaluate.vit_cls, resize to 224 included) of 256x256 images: images/s
+  dino                DINO ViT-S/16 CLS features (models.vit_cls, resize to 224 included) of 256x256 images: images/s
   iscs                ISCS per 1,000 generated samples: 10 prefix decodes + 10 DINO passes per sample
-                      (evaluate.scale_features, timed on one batch and scaled) + iscs.py's joint statistics and 9
+                      (models.scale_features, timed on one batch and scaled) + iscs.py's joint statistics and 9
                       Frechet distances (timed on 1,000 rows); the reference side is cached by evaluate.py
 Each row is guarded: a failure (out of memory, say) is printed in full and recorded in its row, the other rows still
 run, and the exit status is 1. --tiny runs the same code on the CPU with the tiny geometry and small batches
@@ -30,9 +31,9 @@ import gc
 import importlib.util
 import json
 import math
-import resource
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -42,6 +43,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import data  # noqa: E402
 import models  # noqa: E402
 import perf  # noqa: E402  (benchmarks/perf.py)
 
@@ -68,7 +70,7 @@ class Check:
         self.cuda = self.dev.type == 'cuda'
         self.size = SIZES['tiny' if args.tiny else 'real']
         self.reps = args.reps or (1 if args.tiny else 3)
-        self.rows, self.mm, self._acc = [], None, None
+        self.rows, self.mm = [], None
         self.t_start = time.perf_counter()
 
     # ---- plumbing
@@ -81,10 +83,7 @@ class Check:
             torch.cuda.reset_peak_memory_stats(self.dev)
 
     def peak_gib(self) -> dict:
-        if self.cuda:
-            return dict(peak_mem_gib=torch.cuda.max_memory_allocated(self.dev) / 2**30,
-                        peak_reserved_gib=torch.cuda.max_memory_reserved(self.dev) / 2**30)
-        return dict(peak_mem_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # process high-water mark
+        return perf.peak_memory(self.dev)
 
     def mem_note(self):
         return 'torch.cuda.max_memory_allocated / _reserved' if self.cuda else 'CPU: the process max RSS so far'
@@ -198,53 +197,42 @@ class Check:
         m['channels_last_speedup'] = m['images_per_s_channels_last'] / m['images_per_s_nchw']
         return m, dict(batch=batch, geometry='tiny' if self.tiny else f'd{depth} VQ-VAE')
 
-    def accelerator(self):
-        if self._acc is None:
-            from accelerate import Accelerator
-            self._acc = Accelerator(cpu=not self.cuda, mixed_precision='bf16' if self.cuda else 'no')
-        return self._acc
-
     def train(self, depth, inject):
-        # train_injector.py's own step (as benchmarks/bench_train_step.py does): what is timed is the script's code
-        import train_injector as ti
-        acc, batch = self.accelerator(), self.size['train_batch']
-        argv = ['--random_init', '--inject', inject, '--global_batch_size', str(batch),
-                '--mixed_precision', 'bf16' if self.cuda else 'no'] + ([] if self.tiny else ['--depth', str(depth)])
-        targs = ti.resolve_args(argv)
-        vae, var, D, G = ti.build_everything(targs, acc.device)
-        opt_d = torch.optim.AdamW(D.head_parameters(), lr=targs.lr_d)
-        opt_g = torch.optim.AdamW(G.parameters(), lr=targs.lr_g)
-        side = var.patch_nums[-1] * vae.downsample
-        g = torch.Generator().manual_seed(0)
-        img = torch.rand(max(batch, 64), 3, side, side, generator=g) * 2 - 1
-        labels = torch.arange(len(img)) % var.num_classes
-        # what main() sets before the first step
-        targs.real_temps = ti.real_temperatures(targs, torch.utils.data.TensorDataset(img, labels), var, acc.device)
-        img, labels = img[:batch], labels[:batch]
-        step = lambda i: ti.train_step(i, img, labels, vae, var, D, G, opt_d, opt_g, targs, acc, lambda *a: None)
-        self.reset_peak()
-        step(1)  # warm-up; steps 1.. are never R1 steps (every r1_every = 16)
-        times = [perf.timed(lambda: step(i), self.dev)[0] for i in range(2, 2 + self.reps)]
-        t = statistics.median(times)
-        return (dict(batch=batch, s_per_step=t, images_per_s=batch / t, **self.peak_gib()),
-                dict(geometry='tiny' if self.tiny else f'd{depth}', inject=inject, context=targs.context,
-                     decode=targs.decode, precision='bf16' if self.cuda else 'float32', memory=self.mem_note(),
-                     note='a step without R1; the paper reports 14.8 GB at d16'))
+        """train_injector.py run as a script (no import of it): what is timed is the script's own step."""
+        batch, steps = self.size['train_batch'], 1 + self.reps  # one warm-up step
+        preset, n = models.preset_of(None if self.tiny else depth), max(batch, 64)  # 64: the soft reals' temperatures
+        side = preset['resolution']
+        with tempfile.TemporaryDirectory() as tmp:
+            images = np.random.default_rng(0).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+            data.save_npz(f'{tmp}/data.npz', dict(arr_0=images, labels=np.arange(n) % preset['num_classes']))
+            argv = ['--random_init', '--inject', inject, '--global_batch_size', str(batch), '--max_steps', str(steps),
+                    '--r1_gamma', '0', '--sample_every', '0', '--ckpt_every', str(steps), '--num_workers', '0',
+                    '--data_path', f'{tmp}/data.npz', '--out_dir', f'{tmp}/run',
+                    '--mixed_precision', 'bf16' if self.cuda else 'no'] + ([] if self.tiny else ['--depth', str(depth)])
+            # the script takes the GPU when there is one: --device cpu hides it; same torch threads as this process
+            env = dict(OMP_NUM_THREADS=str(torch.get_num_threads()), **({} if self.cuda else dict(CUDA_VISIBLE_DEVICES='')))
+            mem = perf.run_measured(['train_injector.py', *argv], f'{tmp}/train.log', env=env)
+            rows = [json.loads(line) for line in open(f'{tmp}/run/log.jsonl')]
+            config = json.loads(Path(f'{tmp}/run/config.json').read_text())
+        t = statistics.median(batch / r['img_per_s'] for r in rows[1:])
+        return (dict(batch=batch, s_per_step=t, images_per_s=batch / t, **{k: v for k, v in mem.items() if k.startswith('peak')}),
+                dict(geometry='tiny' if self.tiny else f'd{depth}', inject=inject, context=config['context'],
+                     decode=config['decode'], precision='bf16' if self.cuda else 'float32',
+                     memory=self.mem_note().replace('so far', 'of the whole run') + ' (train_injector.py process)',
+                     note='steps without R1; the paper reports 14.8 GB at d16'))
 
     def fid_inception(self):
-        import evaluate
-        net = evaluate.FIDInceptionV3().to(self.dev).eval().requires_grad_(False)
+        net = models.FIDInceptionV3().to(self.dev).eval().requires_grad_(False)
         batch, n = self.size['feat_batch'], self.size['feat_n']
         u8 = np.random.default_rng(0).integers(0, 256, (n, 256, 256, 3), dtype=np.uint8)
         # the ADM resize needs torch-fidelity; without it the pytorch-fid resize (same cost class) is timed
         pipeline = 'adm' if importlib.util.find_spec('torch_fidelity') else 'pytorch-fid'
-        feats = lambda x: evaluate.inception_features(x, net, batch, self.dev, progress=False, pipeline=pipeline)
+        feats = lambda x: models.inception_features(x, net, batch, self.dev, progress=False, pipeline=pipeline)
         feats(u8[:batch])
         return (dict(images_per_s=n / self.median_time(lambda: feats(u8))),
                 dict(batch=batch, n=n, pipeline=pipeline, precision=str(next(net.parameters()).dtype)))
 
     def dino(self):
-        import evaluate
         torch.manual_seed(0)
         net = models.frozen(models.build_backbone_dino(pretrained=False), self.dev)
         batch, n = self.size['feat_batch'], self.size['feat_n']
@@ -253,13 +241,12 @@ class Check:
         def feats():
             with torch.no_grad():
                 for _ in range(n // batch):
-                    evaluate.vit_cls(net, x)
+                    models.vit_cls(net, x)
         with torch.no_grad():
-            evaluate.vit_cls(net, x)
+            models.vit_cls(net, x)
         return dict(images_per_s=n // batch * batch / self.median_time(feats)), dict(batch=batch, precision='float32')
 
     def iscs(self):
-        import evaluate
         import iscs
         batch, n_stats = self.size['iscs_batch'], self.size['iscs_stats_n']
         torch.manual_seed(0)
@@ -271,7 +258,7 @@ class Check:
         pns = vae.quantize.v_patch_nums
         rng = np.random.default_rng(0)
         tok = rng.integers(0, vae.vocab_size, (batch, sum(pn * pn for pn in pns)))
-        feats = lambda t: evaluate.scale_features(vae, phi, t, pns, batch, self.dev, progress=False)
+        feats = lambda t: models.scale_features(vae, phi, t, pns, batch, self.dev, progress=False)
         D = feats(tok[:1]).shape[-1]  # warm-up
         t_feat = self.median_time(lambda: feats(tok)) / batch * 1000
         real = rng.standard_normal((n_stats, len(pns), D)).astype(np.float32)

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from models import (SHAPE_CLASSES, BatchNormLocal, GuidanceInjector, ProjectedDiscriminator, ShapesDataset,
-                       build_backbone_dino, diff_augment, make_shapes)
+from data import SHAPE_CLASSES, ShapesDataset, make_shapes
+from models import BatchNormLocal, GuidanceInjector, ProjectedDiscriminator, build_backbone_dino, diff_augment
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 TINY_PATCH_NUMS = (1, 2, 3, 4, 6, 8)

@@ -122,7 +122,7 @@ def test_a_few_steps_make_the_injector_read_its_input(tmp_path, tiny):
     """With the first version's position code (norm 9.8 on features of 0.1-0.8) g was 99% one vector for any input."""
     vae, var, img, labels, idx = tiny
     out = _train(tmp_path, '--max_steps', '4', '--global_batch_size', '8')
-    shares = models.guidance_shares(out['var'], out['G'].eval(), idx)
+    shares = models.guidance_shares(out['var'], out['injector'].eval(), idx)
     assert shares['input'] > 0.1, shares
 
 
@@ -132,7 +132,7 @@ def test_adversarial_steps_alone_move_the_guidance_against_a_planted_shift(tmp_p
     out = _train(tmp_path, '--plant', 'shift', '--lambda_rec', '0', '--max_steps', '12', '--global_batch_size', '8')
     delta = models.plant_error(models.load_tiny()[1], 'shift')
     with torch.no_grad():
-        g = models.teacher_guidance(out['var'], out['G'].eval(), idx)[:, var.first_l:].mean((0, 1))
+        g = models.teacher_guidance(out['var'], out['injector'].eval(), idx)[:, var.first_l:].mean((0, 1))
     cos = torch.nn.functional.cosine_similarity(g, -delta, dim=0).item()
     assert cos > 0.05, cos
 

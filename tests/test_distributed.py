@@ -1,11 +1,11 @@
 """train_injector.py on several GPUs / nodes (issue 13): per-rank loader seeds, one --resume decision for all ranks,
 downloads once, accelerate's mixed-precision settings honoured, no fp16 without loss scaling."""
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
+import data
 import train_injector as ti
 
 FAST = ['--random_init', '--global_batch_size', '4', '--n_tiny', '64', '--sample_every', '0', '--num_workers', '0']
@@ -24,7 +24,7 @@ class CropLike(torch.utils.data.Dataset):
 def _batches(rank, start=0, num_workers=0, world=2, epoch=0):
     torch.manual_seed(0)  # what main() leaves behind on every rank (build_everything seeds the global RNG)
     return [(off.flatten().tolist(), idx.tolist())
-            for off, idx in ti.epoch_batches(CropLike(), epoch, start, 4, rank, world, seed=0, num_workers=num_workers)]
+            for off, idx in data.epoch_batches(CropLike(), epoch, start, 4, rank, world, seed=0, num_workers=num_workers)]
 
 
 @pytest.mark.parametrize('num_workers', [0, 2])
@@ -41,14 +41,14 @@ def test_mid_epoch_resume_sees_the_same_crops(num_workers):
     full = _batches(1, num_workers=num_workers)
     torch.manual_seed(123)  # a resumed process has another global RNG state
     resumed = [(off.flatten().tolist(), idx.tolist())
-               for off, idx in ti.epoch_batches(CropLike(), 0, 2, 4, 1, 2, seed=0, num_workers=num_workers)]
+               for off, idx in data.epoch_batches(CropLike(), 0, 2, 4, 1, 2, seed=0, num_workers=num_workers)]
     assert resumed == full[2:]
     assert _batches(1, num_workers=num_workers, epoch=1) != full  # a new epoch, new crops
 
 
 def test_the_loader_does_not_touch_the_global_rng():
     torch.manual_seed(7)
-    list(ti.epoch_batches(CropLike(), 0, 0, 4, 0, 2, seed=0, num_workers=0))
+    list(data.epoch_batches(CropLike(), 0, 0, 4, 0, 2, seed=0, num_workers=0))
     after = torch.rand(1)
     torch.manual_seed(7)
     assert torch.equal(after, torch.rand(1))
@@ -167,6 +167,7 @@ def test_fp16_training_is_refused(monkeypatch, capsys):
     assert 'No fp16' in help_text and 'loss' in help_text
 
 
-def test_docstring_says_why_gradients_are_synchronised_by_hand():
-    doc = ti.__doc__
+def test_docs_say_why_gradients_are_synchronised_by_hand():
+    doc = (Path(ti.__file__).parent / 'docs' / 'training.md').read_text()
     assert 'D.requires_grad_(False)' in doc and 'find_unused_parameters' in doc and 'StyleGAN-T' in doc
+    assert 'docs/training.md' in ti.__doc__ and 'find_unused_parameters' in ti.sync_grads.__doc__

@@ -4,7 +4,6 @@ import ast
 import json
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -77,7 +76,7 @@ def instrumented_run(tmp_path_factory):
 def test_config_json_holds_the_resolved_settings(instrumented_run, tmp_path):
     out, _ = instrumented_run
     config = json.loads((out / 'config.json').read_text())
-    tiny = ti.DEFAULTS['tiny']
+    tiny = models.PRESETS['tiny']
     assert config['lr_g'] == tiny['lr_g'] and config['lr_d'] == tiny['lr_d']  # resolved, not None
     assert config['global_batch_size'] == 4 and config['world'] == 1 and config['total_steps'] == 2
     assert config['report_to'] == 'tensorboard' and config['mixed_precision_used'] == 'no'
@@ -151,7 +150,7 @@ def test_every_flag_has_a_help_text(script):
 def test_help_shows_the_per_preset_defaults():
     text = ' '.join(ti.p.format_help().split())
     for key in ('lr_g', 'lr_d', 'global_batch_size', 'w_train', 'r1_gamma', 'top_k', 'max_steps', 'epochs'):
-        real, tiny = ti.DEFAULTS['real'].get(key), ti.DEFAULTS['tiny'].get(key)
+        real, tiny = models.PRESETS['real'][key], models.PRESETS['tiny'][key]
         want = (f'(default: real models {"not set" if real is None else real}, '
                 f'tiny preset {"not set" if tiny is None else tiny})')
         assert want in text, (key, want)

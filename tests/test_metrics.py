@@ -5,13 +5,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import evaluate
 import iscs
-from evaluate import (FID_WEIGHTS_NAME, FID_WEIGHTS_URL, STAGES, FIDInceptionV3, inception_features,
-                      inception_score, inception_score_per_split, kth_nn_sq_radii, load_fid_inception,
-                      precision_recall, preprocess_uint8)
+import models
+from evaluate import inception_score, inception_score_per_split, kth_nn_sq_radii, precision_recall
+from models import inception_features, preprocess_uint8
 from iscs import feature_stats, frechet_distance
+from models import FID_WEIGHTS_NAME, FID_WEIGHTS_URL, FIDInceptionV3, load_fid_inception
 from conftest import fixture_module
 
 # float64 vs outputs_f64: measured max abs error 2.8e-17 (logits 5.6e-17) on this CPU; the
@@ -24,6 +26,37 @@ ATOL_F32_EARLY = 1e-7
 # the ADM evaluator's (TF1 legacy bilinear resize, (v - 128) / 128; test_fid_matches_torch_fidelity below), so the
 # parity tests of the network pass pipeline='pytorch-fid' explicitly: they compare the network, not the resize.
 FIXTURE_PIPELINE = 'pytorch-fid'
+# The 16 named stages whose outputs the parity fixture records (stage_means).
+STAGES = ('Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'Conv2d_3b_1x1', 'Conv2d_4a_3x3',
+          'Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6a', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d',
+          'Mixed_6e', 'Mixed_7a', 'Mixed_7b', 'Mixed_7c')
+
+
+def forward_taps(model, x_N3HW) -> dict:
+    """Every parity-test output of a FIDInceptionV3 for (N, 3, 299, 299) input in [-1, 1], read by forward hooks:
+    feat64 (N, 64), feat192 (N, 192), feat768 (N, 768): pytorch-fid's block features, spatial means after maxpool1,
+    maxpool2 and Mixed_6e; pool3 (N, 2048); logits (N, 1008) with fc bias; logits_nobias (N, 1008);
+    spatial_mixed6d_b1x1_first7_nhwc (N, 2023): the sFID tap (ADM 'mixed_6/conv'), Mixed_6d's 1x1 branch, first 7
+    channels, HWC order; stage_means {stage: (N, C)}: spatial mean of each of the 16 STAGES' outputs (before any pool).
+    """
+    taps = {'stage_means': {}}
+
+    def put(where, key, fn):
+        return lambda module, inputs, out: where.__setitem__(key, fn(out))
+    spatial_mean = lambda h: F.adaptive_avg_pool2d(h, 1).flatten(1)
+    hooks = [getattr(model, s).register_forward_hook(put(taps['stage_means'], s, lambda h: h.mean((2, 3))))
+             for s in STAGES]
+    hooks += [getattr(model, name).register_forward_hook(put(taps, key, spatial_mean))
+              for name, key in (('maxpool1', 'feat64'), ('maxpool2', 'feat192'), ('Mixed_6e', 'feat768'))]
+    hooks.append(model.Mixed_6d.branch1x1.register_forward_hook(put(
+        taps, 'spatial_mixed6d_b1x1_first7_nhwc', lambda h: h[:, :7].permute(0, 2, 3, 1).flatten(1))))
+    try:
+        pool3_N2048, logits_nobias = model(x_N3HW)
+    finally:
+        for h in hooks:
+            h.remove()
+    taps.update(pool3=pool3_N2048, logits=model.fc(pool3_N2048), logits_nobias=logits_nobias)
+    return taps
 
 
 @pytest.fixture(scope='module')
@@ -54,13 +87,13 @@ def taps_f64(rule_model, parity):
     model = model.double()
     with torch.no_grad():
         x = preprocess_uint8(parity['images_uint8_nhwc'], dtype=torch.float64, pipeline=FIXTURE_PIPELINE)
-        return x, model.forward_taps(x)
+        return x, forward_taps(model, x)
 
 
 @pytest.fixture(scope='module')
 def taps_f32(rule_model, parity):
     with torch.no_grad():
-        return rule_model.forward_taps(preprocess_uint8(parity['images_uint8_nhwc'], pipeline=FIXTURE_PIPELINE))
+        return forward_taps(rule_model, preprocess_uint8(parity['images_uint8_nhwc'], pipeline=FIXTURE_PIPELINE))
 
 
 def _maxabs(a, b):
@@ -88,9 +121,9 @@ def test_fid_variants_and_bn_eps():
     assert len(bns) == 94 and all(m.eps == 1e-3 for m in bns)
     assert model.Mixed_7c.max_pool and not model.Mixed_7b.max_pool
     for name in ('Mixed_5b', 'Mixed_5c', 'Mixed_5d'):
-        assert isinstance(getattr(model, name), evaluate.FIDInceptionA)
+        assert isinstance(getattr(model, name), models.FIDInceptionA)
     for name in ('Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e'):
-        assert isinstance(getattr(model, name), evaluate.FIDInceptionC)
+        assert isinstance(getattr(model, name), models.FIDInceptionC)
     assert model.AuxLogits is None and model.fc.out_features == 1008
 
 
@@ -203,7 +236,7 @@ def test_fid_features_match_torch_fidelity(parity, rule_model, tmp_path, weights
         ours = ours.to(dtype)
         with torch.no_grad():
             want = wants[name] = dict(zip(OUR_TAPS, theirs(images.permute(0, 3, 1, 2).contiguous())))
-            taps = ours.forward_taps(preprocess_uint8(images, dtype=dtype))
+            taps = forward_taps(ours, preprocess_uint8(images, dtype=dtype))
         for key in OUR_TAPS:
             got = taps[key].float()
             if dtype == torch.float32:
@@ -244,7 +277,7 @@ def test_adm_resize_is_the_tf1_rule(parity, taps_f64):
     model = FIDInceptionV3().eval().requires_grad_(False)
     model.load_state_dict(fixture_module('weight_rule_inception').apply_rule(FIDInceptionV3()).state_dict())
     with torch.no_grad():
-        taps_adm = model.double().forward_taps(x_adm)
+        taps_adm = forward_taps(model.double(), x_adm)
     assert _maxabs(x_adm, x_fid) == pytest.approx(sens['input299'], rel=1e-4)
     for key in ('feat64', 'feat192', 'feat768'):
         assert _maxabs(taps_adm[key], taps_fid[key]) == pytest.approx(sens[key], rel=1e-4), key
@@ -329,13 +362,16 @@ def test_load_truncated_file(tmp_path, monkeypatch):
     assert 'truncated' in msg and FID_WEIGHTS_URL in msg and len(msg) < 600
 
 
-def test_state_dict_check_reports_shape_mismatch(rule_model, tmp_path):
+def test_load_reports_shape_mismatch(rule_model, tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     sd = dict(rule_model.state_dict())
     sd['fc.weight'] = torch.zeros(1000, 2048)
+    torch.save(sd, tmp_path / FID_WEIGHTS_NAME)
     with pytest.raises(SystemExit) as exc:
-        evaluate._check_state_dict(sd, FIDInceptionV3(), tmp_path / FID_WEIGHTS_NAME)
+        load_fid_inception(tmp_path)
     msg = str(exc.value.code)
-    assert "'fc.weight'" in msg and '(1000, 2048)' in msg and '(1008, 2048)' in msg and len(msg) < 600
+    assert 'fc.weight' in msg and '(1000, 2048)' in msg and '(1008, 2048)' in msg and len(msg) < 600
+    assert str(tmp_path / FID_WEIGHTS_NAME) in msg and FID_WEIGHTS_URL in msg
 
 
 # ----------------------------------------------------------------------------- Fréchet distance

@@ -38,26 +38,49 @@ def test_pretrain_all_stages_write_loadable_files(tmp_path):
     assert (out / 'pretrain_samples.png').is_file() and (out / 'pretrain_vae_recon.png').is_file()
 
 
+# What a resume checkpoint holds, in order: a run started by one version of pretrain_tiny.py is continued by the next
+# (a long pretraining run spans sessions), so these keys are a file format
+RESUME_KEYS = dict(vae=['stage', 'step', 'rng', 'model', 'opt', 'gen', 'hits_V', 'wall'],
+                   var=['stage', 'step', 'rng', 'model', 'opt', 'ema', 'vae_sha256', 'wall', 'ema_loss', 'ema_acc'],
+                   featnet=['stage', 'step', 'rng', 'model', 'opt', 'gen', 'wall', 'ema_loss'],
+                   done=['stage', 'done', 'sha256'])
+
+
 def test_resume_is_bit_identical(tmp_path):
-    """A run stopped mid-stage (mid-VQ-VAE, mid-VAR, and right at the VAR's last step) and continued with --resume
-    ends with exactly the weights of an uninterrupted run; finished stages are not retrained."""
+    """A run stopped mid-stage (mid-VQ-VAE, mid-VAR, right at the VAR's last step, mid-feature network) and
+    continued with --resume ends with exactly the weights of an uninterrupted run; finished stages are not
+    retrained. The checkpoints hold RESUME_KEYS. A finished stage whose file changed is refused."""
     run = lambda out, *extra: subprocess.run(
         [sys.executable, 'pretrain_tiny.py', '--out_dir', str(out), '--serial', '--var_ema', '0.9', *FEW, *extra],
         cwd=REPO, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=600)
     r = run(tmp_path / 'a')
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    logs = []
-    for extra in (['--stop_after', '2'], ['--resume', '--stop_after', '2'], ['--resume', '--stop_after', '2'],
-                  ['--resume']):  # vae 0-2 | vae 2-3, var 0-1 | var 1-3 (stops after its last step) | featnet
+    logs, keys = [], lambda stage: list(torch.load(tmp_path / 'b' / f'resume_{stage}.pt', weights_only=True))
+    # vae 0-2 | vae 2-3, var 0-1 | var 1-3 (stops after its last step) | featnet 0-1 | featnet 1-3
+    sessions = (['--stop_after', '2'], ['--resume', '--stop_after', '2'], ['--resume', '--stop_after', '2'],
+                ['--resume', '--stop_after', '1'], ['--resume'])
+    for i, extra in enumerate(sessions):
         r = run(tmp_path / 'b', *extra)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         logs.append(r.stdout)
+        if i == 0:
+            assert keys('vae') == RESUME_KEYS['vae']
+        if i == 1:
+            assert keys('vae') == RESUME_KEYS['done'] and keys('var') == RESUME_KEYS['var']
+        if i == 3:
+            assert keys('var') == RESUME_KEYS['done'] and keys('featnet') == RESUME_KEYS['featnet']
     assert 'stopped at step 2' in logs[0] and '[vae] resuming at step 2' in logs[1]
     assert '[var] resuming at step 1' in logs[2] and 'stopped at step 3' in logs[2]
     assert '[var] resuming at step 3' in logs[3] and '[vae] finished in an earlier session' in logs[3]
+    assert '[featnet] resuming at step 1' in logs[4] and '[var] finished in an earlier session' in logs[4]
+    assert keys('featnet') == RESUME_KEYS['done']
     for name in ('vae', 'var', 'featnet'):
         sd_a, sd_b = (models.load_state_dict_file(d / models.TINY_FILES[name]) for d in (tmp_path / 'a', tmp_path / 'b'))
         assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a), name
+    # a finished stage whose file changed afterwards is refused in one line, not retrained over it
+    (tmp_path / 'b' / models.TINY_FILES['vae']).write_bytes((tmp_path / 'a' / models.TINY_FILES['var']).read_bytes())
+    r = run(tmp_path / 'b', '--resume')
+    assert r.returncode == 1 and 'changed since' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
     man_a, man_b = (json.loads((d / 'MANIFEST.json').read_text()) for d in (tmp_path / 'a', tmp_path / 'b'))
     for f in ('tiny_vae.pt', 'tiny_var.pt', 'tiny_featnet.pt'):
         assert man_a[f]['metrics'] == man_b[f]['metrics']

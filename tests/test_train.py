@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import data
 import models
@@ -76,7 +75,7 @@ def test_only_injector_and_heads_change(tmp_path):
     assert all(torch.equal(v, bb[k]) for k, v in D0.backbone.state_dict().items())
     heads = out['D'].heads_state_dict()
     assert any(not torch.equal(v, heads[k]) for k, v in D0.heads_state_dict().items())
-    assert any(not torch.equal(v, out['G'].state_dict()[k]) for k, v in G0.state_dict().items())
+    assert any(not torch.equal(v, out['injector'].state_dict()[k]) for k, v in G0.state_dict().items())
     logs = [json.loads(l) for l in (tmp_path / 'log.jsonl').read_text().splitlines()]
     assert [r['step'] for r in logs] == [1, 2, 3]
     for key in ('loss_D', 'loss_adv', 'loss_CE', 'acc_real', 'acc_fake', 'grad_norm_G', 'grad_norm_D', 'img_per_s'):
@@ -101,7 +100,7 @@ def test_resume_is_exact(tmp_path):
     for part in ('injector', 'disc_heads'):
         assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
     inj, meta = models.load_injector(tmp_path / 'b' / 'injector.pt', ti.build_everything(ti.resolve_args(FAST), 'cpu')[1])
-    assert meta['inject'] == 'input' and meta['step'] == 4 and meta['w_train'] == ti.DEFAULTS['tiny']['w_train']
+    assert meta['inject'] == 'input' and meta['step'] == 4 and meta['w_train'] == models.PRESETS['tiny']['w_train']
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
@@ -155,7 +154,7 @@ def test_disc_probe_logs_every_scale_and_saves_heads(tmp_path, space):
     heads = tmp_path / f'disc_heads_{space}.pt'
     if space == 'rgb':  # usable as train_injector.py --disc_ckpt
         out = ti.main(FAST + ['--max_steps', '1', '--disc_ckpt', str(heads), '--out_dir', str(tmp_path / 'inj'), '--r1_gamma', '0'])
-        assert out['G'] is not None
+        assert out['injector'] is not None
         with pytest.raises(SystemExit, match='holds heads with --disc_norm none'):  # heads with norms differ
             ti.main(FAST + ['--max_steps', '1', '--disc_ckpt', str(heads), '--disc_norm', 'bn', '--out_dir', str(tmp_path / 'inj2')])
     else:
