@@ -13,9 +13,8 @@ import numpy as np
 import torch
 
 
-# ======================================================================================
+# ----------------------------------------------------------------------------------------------------------
 # Shapes: the tiny preset's procedural, class-conditional image set
-# ======================================================================================
 
 # Every shape is defined in canonical coordinates (u, v), v pointing up, and fits inside the
 # unit disc; rendering maps it to a random centre, circumradius and rotation.
@@ -269,9 +268,8 @@ def build_train_data(depth: Optional[int], data_path=None, n_tiny=20000, tiny_se
     return ImageFolder(str(root), transform=tf)
 
 
-# ======================================================================================
+# ----------------------------------------------------------------------------------------------------------
 # npz files (the ADM evaluator format)
-# ======================================================================================
 
 def sha256_file(path, h=None, chunk=1 << 22):
     """Feeds a file's bytes to h (a new sha256 if None) and returns h: `sha256_file(p).hexdigest()`."""

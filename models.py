@@ -22,9 +22,8 @@ HF_REPO = 'FoundationVision/var'
 VAE_FILE = 'vae_ch160v4096z32.pth'
 
 
-# ======================================================================================
+# ----------------------------------------------------------------------------------------------------------
 # DiffAugment (Zhao et al. 2020), as used by StyleGAN-T's discriminator
-# ======================================================================================
 
 def _rand(shape, x, generator):
     # draw on the generator's device (CPU generators work for CUDA inputs too), then move
@@ -82,9 +81,8 @@ def diff_augment(x_B3HW, policy='color,translation,cutout', generator=None):
     return x
 
 
-# ======================================================================================
+# ----------------------------------------------------------------------------------------------------------
 # Projected discriminator (StyleGAN-T) on a frozen timm ViT
-# ======================================================================================
 
 DINO_MODEL = 'vit_small_patch16_224.dino'
 DINO_HF_REPO = 'timm/vit_small_patch16_224.dino'
@@ -367,9 +365,8 @@ class ProjectedDiscriminator(nn.Module):
         return torch.cat([head(f, labels_B) for head, f in zip(self.heads, feats)], dim=1).float()
 
 
-# ======================================================================================
+# ----------------------------------------------------------------------------------------------------------
 # Guidance injector
-# ======================================================================================
 
 def sincos_pos_embed_2d(p, dim, device=None, dtype=torch.float32):
     """Fixed 2-D sin/cos position encoding for a p x p grid, row-major -> (p*p, dim).
@@ -747,7 +744,7 @@ def load_featnet(device='cpu'):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# AID-VAR glue: guidance from token maps, injector files, data
+# AID-VAR glue: guidance from token maps, planted errors, injector files, the feature network of a preset
 
 def make_guidance_hook(var: VAR, injector) -> GuidanceHook:
     """The sampler hook for an injector: (si, tokens of scale si-1) -> g_si (B, pn_si^2, C)."""
