@@ -242,7 +242,6 @@ def atomic_save(obj, path):
             torch.save(obj, tmp)
 
 
-
 def build_train_data(depth: Optional[int], data_path=None, n_tiny=20000, tiny_seed=0):
     """Training images: the shapes set (tiny preset), ImageNet's train/ folder (official VAR transform), or, for
     either preset, the images and labels of an npz file (sample.py's format: e.g. a VAR's own samples as data)."""
@@ -311,7 +310,8 @@ def save_npz(path, arrays: dict, arr_0_parts=None):
                 np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
 
 
-def _fail(path, reason: str):
+def refuse(path, reason: str):
+    """A bad input file: one-line SystemExit naming it."""
     raise SystemExit(f'{path}: {reason}')
 
 
@@ -327,31 +327,31 @@ def npz_array(path, name: str) -> np.ndarray:
         fh.seek(info.header_offset)
         local = fh.read(30)
         if local[:4] != b'PK\x03\x04':
-            _fail(path, f'corrupt zip: no local header for {name}.npy')
+            refuse(path, f'corrupt zip: no local header for {name}.npy')
         n_name, n_extra = struct.unpack('<HH', local[26:30])
         data_start = info.header_offset + 30 + n_name + n_extra
         fh.seek(data_start)
         try:
             version = np.lib.format.read_magic(fh)
         except ValueError as e:
-            _fail(path, f'{name}.npy is not a .npy array ({e})')
+            refuse(path, f'{name}.npy is not a .npy array ({e})')
         read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
         if version not in read_header:
             return _np_load_member(path, name)
         try:
             shape, fortran, dtype = read_header[version](fh)
         except ValueError as e:
-            _fail(path, f'{name}.npy has an unreadable header ({e})')
+            refuse(path, f'{name}.npy has an unreadable header ({e})')
         offset = fh.tell()
     if dtype.hasobject:
-        _fail(path, f'{name} holds Python objects (pickled), not a numeric array')
+        refuse(path, f'{name} holds Python objects (pickled), not a numeric array')
     if int(np.prod(shape)) == 0:
         return np.empty(shape, dtype=dtype)
     # the header's shape must fit in the member: a memmap past it would fail (or read the next member's bytes)
     need, have = int(np.prod(shape)) * dtype.itemsize, max(info.file_size - (offset - data_start), 0)
     if need > have:
         rows = f', {have // (need // shape[0])} of {shape[0]} rows' if len(shape) > 1 else ''
-        _fail(path, f'{name} is truncated or corrupt: its header promises shape {tuple(shape)} ({need:,} bytes) but the '
+        refuse(path, f'{name} is truncated or corrupt: its header promises shape {tuple(shape)} ({need:,} bytes) but the '
                     f'file holds {have:,} bytes of it{rows}; write the file again')
     return np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=shape, order='F' if fortran else 'C')
 
@@ -362,7 +362,7 @@ def _np_load_member(path, name) -> np.ndarray:
         with np.load(path, allow_pickle=False) as f:
             return f[name]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        _fail(path, f'{name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+        refuse(path, f'{name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
                     f'the file is truncated or corrupt')
 
 
@@ -370,12 +370,12 @@ def npz_keys(path) -> list:
     """Member names of an npz, or a one-line SystemExit if it is not one."""
     path = Path(path)
     if not path.is_file():
-        _fail(path, 'no such file')
+        refuse(path, 'no such file')
     try:
         with zipfile.ZipFile(path) as zf:
             return [n[:-4] for n in zf.namelist() if n.endswith('.npy')]
     except zipfile.BadZipFile as e:  # not an npz at all: say so instead of a zipfile traceback
-        _fail(path, f'not a readable .npz file ({e})')
+        refuse(path, f'not a readable .npz file ({e})')
 
 
 def check_images(path, arr, what='arr_0') -> None:
@@ -385,13 +385,13 @@ def check_images(path, arr, what='arr_0') -> None:
         if np.issubdtype(arr.dtype, np.floating):
             n_nan = int(np.isnan(np.asarray(arr)).sum())
             nan = f' and contains {n_nan} NaN values' if n_nan else ''
-        _fail(path, f'{what} has dtype {arr.dtype}{nan}; expected uint8 images 0..255 '
+        refuse(path, f'{what} has dtype {arr.dtype}{nan}; expected uint8 images 0..255 '
                     f'(convert [0, 1] floats with (x * 255).astype(np.uint8), as sample.py does)')
     if arr.ndim != 4 or arr.shape[-1] != 3:
         hint = ' (looks like NCHW: transpose to NHWC)' if arr.ndim == 4 and arr.shape[1] == 3 else ''
-        _fail(path, f'{what} has shape {tuple(arr.shape)}; expected (N, H, W, 3) RGB images{hint}')
+        refuse(path, f'{what} has shape {tuple(arr.shape)}; expected (N, H, W, 3) RGB images{hint}')
     if arr.shape[1] != arr.shape[2]:
-        _fail(path, f'{what} images are {arr.shape[1]}x{arr.shape[2]}; expected square images')
+        refuse(path, f'{what} images are {arr.shape[1]}x{arr.shape[2]}; expected square images')
 
 
 def load_samples(path) -> dict:
@@ -399,22 +399,22 @@ def load_samples(path) -> dict:
     preset str or None, meta dict or None). Bad files end in a one-line SystemExit."""
     keys = npz_keys(path)
     if 'arr_0' not in keys:
-        _fail(path, f"no 'arr_0' array (keys: {', '.join(keys) or 'none'}); a sample file holds uint8 images "
+        refuse(path, f"no 'arr_0' array (keys: {', '.join(keys) or 'none'}); a sample file holds uint8 images "
                     f"(N, H, W, 3) in arr_0, as sample.py and the ADM samplers write it")
     if 'mu' in keys:
-        _fail(path, "has a 'mu' key: the ADM evaluator would take this sample file for precomputed reference "
+        refuse(path, "has a 'mu' key: the ADM evaluator would take this sample file for precomputed reference "
                     "statistics; is it a reference batch? Pass it to --ref instead")
     images = npz_array(path, 'arr_0')
     check_images(path, images)
     n = len(images)
     if n < 2:
-        _fail(path, f'{n} sample(s): FID, IS and precision / recall need at least 2 (ideally 50,000)')
+        refuse(path, f'{n} sample(s): FID, IS and precision / recall need at least 2 (ideally 50,000)')
     out = dict(images=images, labels=None, tokens=None, preset=None, meta=None)
     lab_key = 'labels' if 'labels' in keys else 'arr_1' if 'arr_1' in keys else None  # arr_1: guided-diffusion
     if lab_key:
         labels = np.asarray(npz_array(path, lab_key))
         if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-            _fail(path, f'{lab_key} has shape {labels.shape} and dtype {labels.dtype}; expected ({n},) integer class labels')
+            refuse(path, f'{lab_key} has shape {labels.shape} and dtype {labels.dtype}; expected ({n},) integer class labels')
         out['labels'] = labels.astype(np.int64)
     if 'tokens' in keys:
         out['tokens'] = npz_array(path, 'tokens')
@@ -552,13 +552,13 @@ def load_reference(spec: str, resolution: int, ref_n: int) -> dict:
         images = npz_array(path, 'arr_0')
         check_images(path, images)
         if images.shape[1] != resolution:
-            _fail(path, f'reference images are {images.shape[1]}x{images.shape[2]} but the samples are '
+            refuse(path, f'reference images are {images.shape[1]}x{images.shape[2]} but the samples are '
                         f'{resolution}x{resolution}')
     if 'mu' in keys and 'sigma' in keys:  # ADM rule: a reference npz with `mu` carries whole-dataset statistics
         stats = dict(mu=np.asarray(npz_array(path, 'mu'), dtype=np.float64),
                      sigma=np.asarray(npz_array(path, 'sigma'), dtype=np.float64))
     if images is None and stats is None:
-        _fail(path, f"neither reference images (arr_0) nor statistics (mu, sigma) (keys: {', '.join(keys)})")
+        refuse(path, f"neither reference images (arr_0) nor statistics (mu, sigma) (keys: {', '.join(keys)})")
     n = len(images) if images is not None else 0
     return dict(images=images, stats=stats, hash=sha256_file(path).hexdigest(),
                 desc=f'{path.name} ({n} images{", stored mu/sigma" if stats else ""})')

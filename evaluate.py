@@ -116,13 +116,13 @@ def check_samples(samples, args) -> dict:
     name, S, n_classes = preset['name'], preset['resolution'], preset['num_classes']
     for path, smp in samples:
         if smp['images'].shape[1] != S:
-            data._fail(path, f'{smp["images"].shape[1]}x{smp["images"].shape[1]} images; the {name} preset evaluates '
+            data.refuse(path, f'{smp["images"].shape[1]}x{smp["images"].shape[1]} images; the {name} preset evaluates '
                              f'{S}x{S} samples' + (' (set --depth for real-model samples without a preset key)'
                                                    if name == 'tiny' else ''))
     for path, smp in samples:
         bad = [] if smp['labels'] is None else np.unique(smp['labels'][(smp['labels'] < 0) | (smp['labels'] >= n_classes)])
         if len(bad):
-            data._fail(path, f'{len(bad)} label value(s) outside the classes 0..{n_classes - 1} of the {name} preset '
+            data.refuse(path, f'{len(bad)} label value(s) outside the classes 0..{n_classes - 1} of the {name} preset '
                              f'(e.g. {bad[:5].tolist()}); wrong labels would silently give class_acc 0')
     return preset
 

@@ -516,6 +516,24 @@ def preset_of(depth: Optional[int]) -> dict:
     return PRESETS['tiny' if depth is None else 'real']
 
 
+def apply_preset(args) -> dict:
+    """Sets every flag of args left at None that PRESETS has to the value of args.depth's preset; returns the preset."""
+    preset = preset_of(args.depth)
+    for k, v in preset.items():
+        if hasattr(args, k) and getattr(args, k) is None:
+            setattr(args, k, v)
+    return preset
+
+
+def show_preset_defaults(parser):
+    """Appends both presets' values to the --help of every flag that apply_preset fills (default None)."""
+    for action in parser._actions:
+        if action.default is None and action.dest in PRESETS['tiny']:
+            real, tiny = (PRESETS[k][action.dest] for k in ('real', 'tiny'))
+            action.help += f' (default: real models {"not set" if real is None else real}, ' \
+                           f'tiny preset {"not set" if tiny is None else tiny})'
+
+
 def hub_offline() -> bool:
     return os.environ.get('HF_HUB_OFFLINE', '0').strip().lower() in ('1', 'true', 'yes', 'on')
 

@@ -83,9 +83,6 @@ def resolve_args(argv=None):
     preset = models.preset_of(args.depth)
     if args.num_per_class is None:
         args.num_per_class = preset['num_per_class']
-    if args.depth is not None:  # the VAR evaluation protocol; the tiny preset reads the injector's own settings
-        args.top_k = preset['top_k'] if args.top_k is None else args.top_k
-        args.top_p = preset['top_p'] if args.top_p is None else args.top_p
     if args.num_per_class < 1 or args.batch_size < 1:
         raise SystemExit(f'--num_per_class and --batch_size must be >= 1, got {args.num_per_class} and {args.batch_size}')
     if args.seed < 0:
@@ -258,11 +255,12 @@ def main(argv=None):
         args.w = [inj_meta.get('w_train', 0.001)]
     if args.inject is None:
         args.inject = inj_meta.get('inject', 'input')
-    preset = models.preset_of(args.depth)
-    if args.top_k is None:  # tiny: the values tuned with the injector, when its file records them
-        args.top_k = inj_meta.get('top_k', preset['top_k'])
+    # real models: the VAR evaluation protocol; tiny: the values tuned with the injector, when its file records them
+    preset, tuned = models.preset_of(args.depth), inj_meta if args.depth is None else {}
+    if args.top_k is None:
+        args.top_k = tuned.get('top_k', preset['top_k'])
     if args.top_p is None:
-        args.top_p = inj_meta.get('top_p', preset['top_p'])
+        args.top_p = tuned.get('top_p', preset['top_p'])
     if args.classes is None:
         args.classes = list(range(var.num_classes))
     bad = [c for c in args.classes if not 0 <= c < var.num_classes]

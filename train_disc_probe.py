@@ -39,10 +39,7 @@ p.add_argument('--top_p', type=float, default=None, help='top-p of the frozen-VA
 p.add_argument('--out_dir', type=str, default='runs/disc_probe', help='CSV, plot and D heads go here')
 p.add_argument('--seed', type=int, default=0, help='weights, data order and samples')
 p.add_argument('--n_tiny', type=int, default=20000, help='tiny preset: number of training shapes')
-for action in p._actions:  # flags left at None take models.PRESETS' value, as in train_injector.py
-    if action.default is None and action.dest in models.PRESETS['tiny']:
-        action.help += f' (default: {models.PRESETS["real"][action.dest]} for real models, ' \
-                       f'{models.PRESETS["tiny"][action.dest]} for tiny)'
+models.show_preset_defaults(p)  # flags left at None take models.PRESETS' value (main)
 
 
 class LatentDiscriminator(nn.Module):
@@ -86,9 +83,7 @@ def plot_curves(rows, SN, path):
 
 def main(argv=None):
     args = p.parse_args(argv)
-    for k, v in models.preset_of(args.depth).items():
-        if hasattr(args, k) and getattr(args, k) is None:
-            setattr(args, k, v)
+    preset = models.apply_preset(args)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +94,7 @@ def main(argv=None):
     else:
         vae, var = models.load_vae_var(args.depth, args.ckpt_dir, device)
     if args.space == 'rgb':
-        backbone = models.build_feature_net(models.preset_of(args.depth)['name'], not args.random_init, args.dino_ckpt)
+        backbone = models.build_feature_net(preset['name'], not args.random_init, args.dino_ckpt)
         D = models.ProjectedDiscriminator(backbone, num_classes=var.num_classes, norm=args.disc_norm,
                                           diffaug=args.disc_aug).to(device)
         params = list(D.head_parameters())

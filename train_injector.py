@@ -85,18 +85,7 @@ p.add_argument('--n_tiny', type=int, default=20000, help='tiny preset: number of
 p.add_argument('--report_to', choices=['none', 'tensorboard', 'wandb'], default='none', help="also log every step through "
                "accelerate's trackers (tensorboard: OUT_DIR/aid-var; wandb: project aid-var); log.jsonl and config.json "
                "are always written")
-
-
-def show_preset_defaults(parser):
-    """Flags left at None take models.PRESETS' value (resolve_args): their --help shows both presets'."""
-    for action in parser._actions:
-        if action.dest in models.PRESETS['tiny']:
-            real, tiny = (models.PRESETS[k][action.dest] for k in ('real', 'tiny'))
-            action.help += f' (default: real models {"not set" if real is None else real}, ' \
-                           f'tiny preset {"not set" if tiny is None else tiny})'
-
-
-show_preset_defaults(p)
+models.show_preset_defaults(p)  # flags left at None take models.PRESETS' value (resolve_args)
 
 GRID_CLASSES_IMAGENET = (207, 360, 387, 974, 88, 979, 417, 279)  # the VAR demo's classes
 RUN_FILES = ('last.pt', 'injector.pt')  # what an earlier run leaves in its out_dir (and a fresh start would overwrite)
@@ -108,9 +97,7 @@ TRACKER_PROJECT = 'aid-var'
 
 def resolve_args(argv=None):
     args = p.parse_args(argv)
-    for k, v in models.preset_of(args.depth).items():
-        if hasattr(args, k) and getattr(args, k) is None:
-            setattr(args, k, v)
+    models.apply_preset(args)
     if args.max_steps is None and args.epochs is None:
         args.epochs = 1
     return args

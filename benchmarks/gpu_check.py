@@ -250,15 +250,13 @@ class Check:
         import iscs
         batch, n_stats = self.size['iscs_batch'], self.size['iscs_stats_n']
         torch.manual_seed(0)
-        if self.tiny:
-            vae, phi = models.build_tiny(init=True)[0], models.build_featnet()
-        else:
-            vae, phi = models.build_vae_var(device=self.dev, depth=16)[0], models.build_backbone_dino(pretrained=False)
-        vae, phi = models.frozen(vae, self.dev), models.frozen(phi, self.dev)
+        vae = models.build_tiny(init=True)[0] if self.tiny else models.build_vae_var(device=self.dev, depth=16)[0]
+        feat_net = models.build_feature_net('tiny' if self.tiny else 'real', pretrained=False)
+        vae, feat_net = models.frozen(vae, self.dev), models.frozen(feat_net, self.dev)
         pns = vae.quantize.v_patch_nums
         rng = np.random.default_rng(0)
         tok = rng.integers(0, vae.vocab_size, (batch, sum(pn * pn for pn in pns)))
-        feats = lambda t: models.scale_features(vae, phi, t, pns, batch, self.dev, progress=False)
+        feats = lambda t: models.scale_features(vae, feat_net, t, pns, batch, self.dev, progress=False)
         D = feats(tok[:1]).shape[-1]  # warm-up
         t_feat = self.median_time(lambda: feats(tok)) / batch * 1000
         real = rng.standard_normal((n_stats, len(pns), D)).astype(np.float32)

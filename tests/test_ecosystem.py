@@ -155,4 +155,4 @@ def test_help_shows_the_per_preset_defaults():
     text = ' '.join(sample.p.format_help().split())
     assert '50 (real models' in text and '10 (tiny)' in text and '900 (real models)' in text
     text = ' '.join(train_disc_probe.p.format_help().split())
-    assert '900 for real models, 0 for tiny' in text
+    assert '(default: real models 900, tiny preset 0)' in text
