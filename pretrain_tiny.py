@@ -294,6 +294,19 @@ def tokenize(vae, img_u8, bs=500):
                       for i in data.progress(range(0, len(img_u8), bs), desc='tokenise', file=sys.stdout)])
 
 
+def cached_tokens(out_dir, vae, vae_sha, tr_img, va_img):
+    """Tokens of the train and val images (tokenize), kept in out_dir/resume_var_tokens.pt until the VAR ships, so a
+    resumed session skips re-tokenising (~6 min on one core); reused only for the same VQ-VAE and data."""
+    path, key = out_dir / 'resume_var_tokens.pt', dict(vae_sha256=vae_sha, **DATA_INFO)
+    ck = torch.load(path, map_location='cpu', weights_only=True) if args.resume and path.is_file() else None
+    if ck and ck['key'] == key:
+        print(f'[var] tokens from {path}')
+        return ck['tr'].long(), ck['va'].long()
+    tr_tok, va_tok = tokenize(vae, tr_img), tokenize(vae, va_img)
+    data.atomic_save(dict(key=key, tr=tr_tok.short(), va=va_tok.short()), path)
+    return tr_tok, va_tok
+
+
 def var_input(var, tok_BL):
     """Teacher forcing: the tokens of all scales (B, L) -> the VAR's input (B, L - first_l, Cvae)."""
     return var.vae.quantize.idxBl_to_var_input(list(tok_BL.split([pn * pn for pn in var.patch_nums], dim=1)))
@@ -326,7 +339,7 @@ def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
     load_file(vae, out_dir, 'vae')  # var.vae *is* this object, so the VAR now sees the trained VQ-VAE
     vae_sha = data.sha256_file(out_dir / models.TINY_FILES['vae']).hexdigest()
     vae.eval().requires_grad_(False)
-    tr_tok, va_tok = tokenize(vae, tr_img), tokenize(vae, va_img)
+    tr_tok, va_tok = cached_tokens(out_dir, vae, vae_sha, tr_img, va_img)
     print(f'[var] tokens: train {tuple(tr_tok.shape)}, val {tuple(va_tok.shape)}; '
           f'{sum(p.numel() for p in var.parameters()) / 1e6:.2f}M parameters')
     # no weight decay on norms/biases/embeddings-like 1-D params and the position tables (official VAR does the same)
@@ -381,6 +394,7 @@ def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
         val_token_acc_per_scale=var_token_acc(var, va_tok, va_lab), final_train_loss=round(ema_loss, 4)),
         dict(steps=args.var_steps, batch=args.var_bs, lr=args.var_lr, weight_decay=args.var_wd, grad_clip=args.var_clip,
              ema=args.var_ema, vae_sha256=vae_sha, **DATA_INFO))
+    (out_dir / 'resume_var_tokens.pt').unlink(missing_ok=True)
     with torch.no_grad():  # 10 samples per class, a row per class, fixed seed (4x nearest)
         var.eval()
         img_B3HW = var.autoregressive_infer_cfg(100, torch.arange(10).repeat_interleave(10), g_seed=0, cfg=args.cfg,

@@ -1,11 +1,14 @@
 """Can the discriminator see the fakes AID-VAR trains it on? (tiny preset, D alone, no injector)
 
 train_injector.py's fakes are the ground-truth prefix plus the frozen VAR's relaxed (soft) scale k, decoded to RGB;
-its reals are the same decode of the ground-truth tokens. This builds --n such pairs from training shapes (one
+its reals are the same decode of the ground-truth tokens (hard), or with scale k soft-decoded at the VAR's entropy
+(--real_decode soft, paper §3.2). This builds --n such pairs from training shapes (one
 random k >= 1 per image), trains D's heads alone on all but --n_eval pairs, and scores the held-out pairs by how often
 D rates a real above its own fake (pair accuracy; chance 0.5). It does so for the StyleGAN-T D and with its ghost
 batch norm and / or DiffAugment switched off (train_injector.py --disc_norm / --disc_aug), every variant from the same
-initial heads and batches. Also reported: the pixel MSE between fake and real per scale, and the same D on sampled
+initial heads and batches. With soft reals the fake and the real differ only in how scale k is made soft (the VAR's
+softmax vs the quantizer's distances), and the VAR's top token is mostly right: pair accuracy well above chance there
+means D separates them by the decode route, not by the VAR's errors. Also reported: the pixel MSE between fake and real per scale, and the same D on sampled
 (hard) instead of soft tokens at scale k.
 
     python benchmarks/disc_teacher_fakes.py          # ~10 minutes on 2 cores -> benchmarks/results/disc_teacher_fakes.md
@@ -24,10 +27,13 @@ import data  # noqa: E402
 import models  # noqa: E402
 import soft_decode  # noqa: E402
 
-# (name, fakes, disc_norm, disc_aug)
-VARIANTS = [('StyleGAN-T D (default)', 'soft', 'bn', 'diffaug'), ('sampled tokens at scale k', 'hard', 'bn', 'diffaug'),
-            ('--disc_aug none', 'soft', 'bn', 'none'), ('--disc_norm none', 'soft', 'none', 'diffaug'),
-            ('--disc_norm none --disc_aug none', 'soft', 'none', 'none')]
+# (name, fakes, reals, disc_norm, disc_aug)
+VARIANTS = [('StyleGAN-T D (default)', 'soft', 'real', 'bn', 'diffaug'),
+            ('sampled tokens at scale k', 'hard', 'real', 'bn', 'diffaug'),
+            ('--disc_aug none', 'soft', 'real', 'bn', 'none'), ('--disc_norm none', 'soft', 'real', 'none', 'diffaug'),
+            ('--disc_norm none --disc_aug none', 'soft', 'real', 'none', 'none'),
+            ('none / none, soft reals (the tiny defaults)', 'soft', 'real_soft', 'none', 'none')]
+REALS = dict(real='hard', real_soft='soft')
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument('--n', type=int, default=2000, help='pairs in all')
@@ -41,14 +47,17 @@ p.add_argument('--out', type=str, default=str(REPO / 'benchmarks' / 'results' / 
 
 @torch.no_grad()
 def make_pairs(vae, var, n, seed):
-    """n training shapes -> real, soft fake, hard fake (n, 3, 32, 32) in [-1, 1], labels (n,), scale k (n,).
+    """n training shapes -> real (hard), real_soft, soft fake, hard fake (n, 3, 32, 32) in [-1, 1], labels (n,),
+    scale k (n,).
 
     Built by train_injector.py's own soft_decode.disc_images; the hard fakes take tokens sampled from the VAR's
     scale-k distribution, fed as one-hot logits through the 'st' relaxation (whose forward value is the one-hot).
     """
     ds = data.build_train_data(None, n_tiny=n)
     g = torch.Generator().manual_seed(seed)
-    out = {key: [] for key in ('real', 'soft', 'hard', 'label', 'k')}
+    out = {key: [] for key in ('real', 'real_soft', 'soft', 'hard', 'label', 'k')}
+    img0, lab0 = data.to_signed(ds.images_NHW3[:64]), ds.labels[:64]  # train_injector.real_temperatures' recipe
+    temps = soft_decode.matched_real_temperatures(var, img0, lab0, 1.0, 'entropy')
     for i in range(0, n, 100):
         img, lab = data.to_signed(ds.images_NHW3[i:i + 100]), ds.labels[i:i + 100]
         gt = vae.img_to_idxBl(img)
@@ -58,7 +67,9 @@ def make_pairs(vae, var, n, seed):
         sampled_BL = torch.multinomial(logits_BLV.softmax(-1).flatten(0, 1), 1, generator=g).view(logits_BLV.shape[:2])
         soft, real, labels = soft_decode.disc_images(var, logits_BLV, gt, gt, lab, ks, 'soft', 1.0)
         hard = soft_decode.disc_images(var, soft_decode.one_hot(sampled_BL, var.V), gt, gt, lab, ks, 'st', 1.0)[0]
-        for key, v in (('real', real), ('soft', soft), ('hard', hard), ('label', labels),
+        real_probs = soft_decode.real_soft_labels(vae, img, temps)[0]
+        real_soft = soft_decode.disc_images(var, logits_BLV, gt, gt, lab, ks, 'soft', 1.0, real_probs)[1]
+        for key, v in (('real', real), ('real_soft', real_soft), ('soft', soft), ('hard', hard), ('label', labels),
                        ('k', ks.sort(stable=True).values)):  # disc_images groups the samples by k
             out[key].append(v)
     return {key: torch.cat(v) for key, v in out.items()}
@@ -72,7 +83,7 @@ def pair_accuracy(D, real, fake, labels, chunk=80):
     return r > f
 
 
-def train_and_score(args, pairs, fakes, norm, aug, featnet):
+def train_and_score(args, pairs, fakes, reals, norm, aug, featnet):
     torch.manual_seed(args.seed)  # the same initial heads for every variant
     D = models.ProjectedDiscriminator(featnet, num_classes=10, norm=norm, diffaug=aug == 'diffaug')
     opt = torch.optim.AdamW(D.head_parameters(), lr=args.lr_d, betas=(0.9, 0.999), weight_decay=1e-5)
@@ -81,7 +92,7 @@ def train_and_score(args, pairs, fakes, norm, aug, featnet):
     D.train()
     for _ in range(args.steps):
         j = torch.randint(0, n_train, (args.batch_size,), generator=batches)
-        loss = F.relu(1 - D(pairs['real'][j], pairs['label'][j])).mean() + \
+        loss = F.relu(1 - D(pairs[reals][j], pairs['label'][j])).mean() + \
             F.relu(1 + D(pairs[fakes][j], pairs['label'][j])).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -89,7 +100,7 @@ def train_and_score(args, pairs, fakes, norm, aug, featnet):
         opt.step()
     D.eval()
     held = slice(n_train, None)
-    return pair_accuracy(D, pairs['real'][held], pairs[fakes][held], pairs['label'][held])
+    return pair_accuracy(D, pairs[reals][held], pairs[fakes][held], pairs['label'][held])
 
 
 def main():
@@ -107,16 +118,18 @@ def main():
              f'{args.n - args.n_eval} training pairs, {args.steps} steps of batch {args.batch_size}, lr {args.lr_d}; '
              f'pair accuracy (real rated above its own fake) on {args.n_eval} held-out pairs, chance 0.5.', '',
              'Pixel MSE between fake and real (images in [-1, 1]; the VQ-VAE\'s reconstruction MSE is about 0.05):', '',
-             '| fakes | ' + ' | '.join(f'k={k}' for k in range(1, K)) + ' |', '|' + ' --- |' * K]
-    for fakes in ('soft', 'hard'):
-        mse = [(pairs[fakes] - pairs['real'])[pairs['k'] == k].square().mean().item() for k in range(1, K)]
-        lines.append(f'| {fakes} | ' + ' | '.join(f'{m:.4f}' for m in mse) + ' |')
-    lines += ['', '| D | fakes | pair accuracy | ' + ' | '.join(f'k={k}' for k in range(1, K)) + ' |', '|' + ' --- |' * (K + 2)]
-    for name, fakes, norm, aug in VARIANTS:
+             '| fakes | reals | ' + ' | '.join(f'k={k}' for k in range(1, K)) + ' |', '|' + ' --- |' * (K + 1)]
+    for fakes, reals in (('soft', 'real'), ('hard', 'real'), ('soft', 'real_soft')):
+        mse = [(pairs[fakes] - pairs[reals])[pairs['k'] == k].square().mean().item() for k in range(1, K)]
+        lines.append(f'| {fakes} | {REALS[reals]} | ' + ' | '.join(f'{m:.4f}' for m in mse) + ' |')
+    lines += ['', '| D | fakes | reals | pair accuracy | ' + ' | '.join(f'k={k}' for k in range(1, K)) + ' |',
+              '|' + ' --- |' * (K + 3)]
+    for name, fakes, reals, norm, aug in VARIANTS:
         t0 = time.perf_counter()
-        ok = train_and_score(args, pairs, fakes, norm, aug, featnet)
+        ok = train_and_score(args, pairs, fakes, reals, norm, aug, featnet)
         per_k = [ok[k_eval == k].float().mean().item() for k in range(1, K)]
-        lines.append(f'| {name} | {fakes} | {ok.float().mean().item():.3f} | ' + ' | '.join(f'{a:.2f}' for a in per_k) + ' |')
+        lines.append(f'| {name} | {fakes} | {REALS[reals]} | {ok.float().mean().item():.3f} | '
+                     + ' | '.join(f'{a:.2f}' for a in per_k) + ' |')
         print(lines[-1], f'({time.perf_counter() - t0:.0f} s)', flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text('\n'.join(lines) + '\n')

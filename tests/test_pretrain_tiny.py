@@ -67,10 +67,13 @@ def test_resume_is_bit_identical(tmp_path):
             assert keys('vae') == RESUME_KEYS['vae']
         if i == 1:
             assert keys('vae') == RESUME_KEYS['done'] and keys('var') == RESUME_KEYS['var']
+            assert (tmp_path / 'b' / 'resume_var_tokens.pt').is_file()
         if i == 3:
             assert keys('var') == RESUME_KEYS['done'] and keys('featnet') == RESUME_KEYS['featnet']
     assert 'stopped at step 2' in logs[0] and '[vae] resuming at step 2' in logs[1]
     assert '[var] resuming at step 1' in logs[2] and 'stopped at step 3' in logs[2]
+    assert '[var] tokens from' in logs[2] and '[var] tokens from' not in logs[1]
+    assert not (tmp_path / 'b' / 'resume_var_tokens.pt').exists()  # removed once the VAR shipped
     assert '[var] resuming at step 3' in logs[3] and '[vae] finished in an earlier session' in logs[3]
     assert '[featnet] resuming at step 1' in logs[4] and '[var] finished in an earlier session' in logs[4]
     assert keys('featnet') == RESUME_KEYS['done']
