@@ -55,7 +55,8 @@ def forward_taps(model, x_N3HW) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    taps.update(pool3=pool3_N2048, logits=model.fc(pool3_N2048), logits_nobias=logits_nobias)
+    # logits as torch-fidelity forms them, (pool3 @ W^T) + b: a fused addmm (model.fc) rounds differently on some CPUs
+    taps.update(pool3=pool3_N2048, logits=logits_nobias + model.fc.bias, logits_nobias=logits_nobias)
     return taps
 
 
