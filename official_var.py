@@ -1,7 +1,7 @@
 """The official VAR and its multi-scale VQ-VAE (FoundationVision/VAR, commit 78b9539), ported checkpoint-exactly.
 
 `vae_ch160v4096z32.pth` and `var_d{16,20,24,30}.pth` load with `strict=True` and compute the same numbers
-(../shared/VAR_SPEC.md; tests/test_var_parity.py). Names are the official ones. Two deliberate differences, neither
+(docs/exactness.md; tests/test_var_parity.py). Names are the official ones. Two deliberate differences, neither
 changes a pretrained result: class dropout happens only in training mode, and sampling takes an optional guidance
 hook (the AID-VAR injector) and can return its tokens. models.py re-exports everything here.
 """

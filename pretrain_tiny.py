@@ -297,8 +297,8 @@ def tokenize(vae, img_u8, bs=500):
 def cached_tokens(out_dir, vae, vae_sha, tr_img, va_img):
     """Tokens of the train and val images (tokenize), kept in out_dir/resume_var_tokens.pt until the VAR ships, so a
     resumed session skips re-tokenising (~6 min on one core); reused only for the same VQ-VAE and data."""
-    path, key = out_dir / 'resume_var_tokens.pt', dict(vae_sha256=vae_sha, **DATA_INFO)
-    ck = torch.load(path, map_location='cpu', weights_only=True) if args.resume and path.is_file() else None
+    path, key = resume_path(out_dir, 'var_tokens'), dict(vae_sha256=vae_sha, **DATA_INFO)
+    ck = load_resume(out_dir, 'var_tokens')
     if ck and ck['key'] == key:
         print(f'[var] tokens from {path}')
         return ck['tr'].long(), ck['va'].long()
@@ -394,7 +394,7 @@ def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
         val_token_acc_per_scale=var_token_acc(var, va_tok, va_lab), final_train_loss=round(ema_loss, 4)),
         dict(steps=args.var_steps, batch=args.var_bs, lr=args.var_lr, weight_decay=args.var_wd, grad_clip=args.var_clip,
              ema=args.var_ema, vae_sha256=vae_sha, **DATA_INFO))
-    (out_dir / 'resume_var_tokens.pt').unlink(missing_ok=True)
+    resume_path(out_dir, 'var_tokens').unlink(missing_ok=True)
     with torch.no_grad():  # 10 samples per class, a row per class, fixed seed (4x nearest)
         var.eval()
         img_B3HW = var.autoregressive_infer_cfg(100, torch.arange(10).repeat_interleave(10), g_seed=0, cfg=args.cfg,
