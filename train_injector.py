@@ -38,10 +38,10 @@ p.add_argument('--inject', choices=['input', 'head'], default='input',
                help='where w * g is added: the token features of scale k (input) or the last hidden state (head)')
 p.add_argument('--context', choices=['teacher', 'rollout'], default=None,
                help='prefix tokens of the guided scale: ground truth (teacher) or sampled by the VAR + injector (rollout)')
-p.add_argument('--decode', choices=list(soft_decode.MODES), default='soft',
+p.add_argument('--decode', choices=list(soft_decode.MODES), default=None,
                help='relaxation of the guided scale for D: probabilities, Gumbel-softmax or straight-through (soft_decode.py)')
 p.add_argument('--tau', type=float, default=1.0, help='softmax / Gumbel temperature of the relaxed decode')
-p.add_argument('--real_decode', choices=['soft', 'hard'], default='soft',
+p.add_argument('--real_decode', choices=['soft', 'hard'], default=None,
                help="real images for D: 'soft' (paper §3.2: the quantizer's soft labels, as soft as the fakes) or one-hot")
 p.add_argument('--real_match', choices=list(soft_decode.REAL_MATCH), default='entropy',
                help="soft reals: match the fakes' mean entropy or the mean norm of their expected code")

@@ -27,6 +27,7 @@ from pathlib import Path
 from perf import REPO, run  # benchmarks/perf.py
 VARIANTS = {
     'default': [],
+    'decode_soft': ['--decode', 'soft', '--real_decode', 'soft'],  # the paper's soft fakes and soft reals
     'decode_gumbel': ['--decode', 'gumbel'],
     'decode_st': ['--decode', 'st'],
     'inject_head': ['--inject', 'head'],

