@@ -7,9 +7,10 @@ random k >= 1 per image), trains D's heads alone on all but --n_eval pairs, and 
 D rates a real above its own fake (pair accuracy; chance 0.5). It does so for the StyleGAN-T D and with its ghost
 batch norm and / or DiffAugment switched off (train_injector.py --disc_norm / --disc_aug), every variant from the same
 initial heads and batches. With soft reals the fake and the real differ only in how scale k is made soft (the VAR's
-softmax vs the quantizer's distances), and the VAR's top token is mostly right: pair accuracy well above chance there
-means D separates them by the decode route, not by the VAR's errors. Also reported: the pixel MSE between fake and real per scale, and the same D on sampled
-(hard) instead of soft tokens at scale k.
+softmax vs the quantizer's distances): pair accuracy well above chance there, and not with sampled tokens against hard
+reals, means D separates them by the decode route, not by the VAR's errors. Also reported: the pixel MSE between
+fake and real per scale, and the same D on sampled (hard) instead of soft tokens at scale k (the tiny defaults'
+fakes, train_injector.py --decode st_gumbel).
 
     python benchmarks/disc_teacher_fakes.py          # ~10 minutes on 2 cores -> benchmarks/results/disc_teacher_fakes.md
 """
@@ -66,10 +67,9 @@ def make_pairs(vae, var, n, seed):
         logits_BLV = var.get_logits(h, cond)
         ks = torch.randint(1, len(var.patch_nums), (len(lab),), generator=g)
         sampled_BL = torch.multinomial(logits_BLV.softmax(-1).flatten(0, 1), 1, generator=g).view(logits_BLV.shape[:2])
-        soft, real, labels = soft_decode.disc_images(var, logits_BLV, gt, gt, lab, ks, 'soft', 1.0)
-        hard = soft_decode.disc_images(var, soft_decode.one_hot(sampled_BL, var.V), gt, gt, lab, ks, 'st', 1.0)[0]
         real_probs = soft_decode.real_soft_labels(vae, img, temps)[0]
-        real_soft = soft_decode.disc_images(var, logits_BLV, gt, gt, lab, ks, 'soft', 1.0, real_probs)[1]
+        soft, real_soft, labels = soft_decode.disc_images(var, logits_BLV, gt, gt, lab, ks, 'soft', 1.0, real_probs)
+        hard, real, _ = soft_decode.disc_images(var, soft_decode.one_hot(sampled_BL, var.V), gt, gt, lab, ks, 'st', 1.0)
         for key, v in (('real', real), ('real_soft', real_soft), ('soft', soft), ('hard', hard), ('label', labels),
                        ('k', ks.sort(stable=True).values)):  # disc_images groups the samples by k
             out[key].append(v)
