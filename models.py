@@ -485,6 +485,9 @@ TINY_PRESETS = dict(
             depth=4, embed_dim=192, num_heads=3,
             featnet=dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0, num_classes=10)),
 )
+# the wider / deeper VARs of the pilots in docs/pretrain_tiny.md (both learnt slower than v1 at equal steps)
+TINY_PRESETS.update(pilot_w256=dict(TINY_PRESETS['v1'], embed_dim=256, num_heads=4),
+                    pilot_d6=dict(TINY_PRESETS['v1'], depth=6))
 # AIDVAR_TINY_DIR / AIDVAR_TINY_PRESET point every script at other tiny weights (e.g. a pretrain_tiny.py staging run)
 TINY_PRESET = os.environ.get('AIDVAR_TINY_PRESET', 'v1')
 TINY = TINY_PRESETS[TINY_PRESET]

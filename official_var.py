@@ -53,9 +53,11 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
+        # in place on fresh tensors: no extra full-resolution temporaries (the decoder's largest non-conv cost on CPU);
+        # values and gradients unchanged (test_resnet_block_in_place_keeps_values_and_gradients)
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
+        return h.add_(self.nin_shortcut(x))
 
 
 class AttnBlock(nn.Module):
@@ -114,7 +116,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -155,7 +157,7 @@ class Decoder(nn.Module):
                     h = up.attn[i_block](h)
             if i_level != 0:
                 h = up.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -58,6 +58,9 @@ parser.add_argument('--var_wd', type=float, default=0.05)
 parser.add_argument('--var_clip', type=float, default=2.0)
 parser.add_argument('--var_ema', type=float, default=0.999, help='EMA decay of the shipped VAR weights (0: no EMA)')
 parser.add_argument('--var_eval_every', type=int, default=1000)
+parser.add_argument('--var_init', default='',
+                    help='start the VAR from these weights (a tiny_var.pt of the same --preset) instead of a random '
+                         'init: a warm restart with a fresh optimizer, warm-up and cosine schedule of --var_steps')
 parser.add_argument('--warmup', type=float, default=0.05, help='warm-up fraction of the steps (VAE, VAR, featnet)')
 # sampling for the grid / the sample score
 parser.add_argument('--cfg', type=float, default=1.5)
@@ -339,6 +342,11 @@ def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
     load_file(vae, out_dir, 'vae')  # var.vae *is* this object, so the VAR now sees the trained VQ-VAE
     vae_sha = data.sha256_file(out_dir / models.TINY_FILES['vae']).hexdigest()
     vae.eval().requires_grad_(False)
+    init_sha = None
+    if args.var_init:  # checked before tokenising; the EMA below starts from these weights too
+        models.load_checked(var, models.load_state_dict_file(args.var_init), args.var_init,
+                            f'a tiny VAR of the preset {args.preset} (--var_init)')
+        init_sha = data.sha256_file(args.var_init).hexdigest()
     tr_tok, va_tok = cached_tokens(out_dir, vae, vae_sha, tr_img, va_img)
     print(f'[var] tokens: train {tuple(tr_tok.shape)}, val {tuple(va_tok.shape)}; '
           f'{sum(p.numel() for p in var.parameters()) / 1e6:.2f}M parameters')
@@ -393,7 +401,7 @@ def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
         train_token_acc_per_scale=var_token_acc(var, tr_tok[:n_tr], tr_lab[:n_tr]),
         val_token_acc_per_scale=var_token_acc(var, va_tok, va_lab), final_train_loss=round(ema_loss, 4)),
         dict(steps=args.var_steps, batch=args.var_bs, lr=args.var_lr, weight_decay=args.var_wd, grad_clip=args.var_clip,
-             ema=args.var_ema, vae_sha256=vae_sha, **DATA_INFO))
+             ema=args.var_ema, vae_sha256=vae_sha, **DATA_INFO, **({'init_sha256': init_sha} if init_sha else {})))
     resume_path(out_dir, 'var_tokens').unlink(missing_ok=True)
     with torch.no_grad():  # 10 samples per class, a row per class, fixed seed (4x nearest)
         var.eval()

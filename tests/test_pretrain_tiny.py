@@ -37,6 +37,28 @@ def test_pretrain_all_stages_write_loadable_files(tmp_path):
     assert 0.0 <= manifest['tiny_featnet.pt']['metrics']['var_sample_acc'] <= 1.0
     assert (out / 'pretrain_samples.png').is_file() and (out / 'pretrain_vae_recon.png').is_file()
 
+    # --var_init: a warm restart starts from the given VAR (at lr ~0 it ships those weights) and records its sha256;
+    # a file that is not such a VAR is refused in one line, before the data is tokenised
+    warm = tmp_path / 'warm'
+    warm.mkdir()
+    (warm / models.TINY_FILES['vae']).write_bytes((out / models.TINY_FILES['vae']).read_bytes())
+    run_var = lambda init: subprocess.run(
+        [sys.executable, 'pretrain_tiny.py', '--stage', 'var', '--out_dir', str(warm), *FEW, '--var_lr', '1e-9',
+         '--var_init', str(init)], cwd=REPO, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'),
+        timeout=600)
+    r = run_var(out / models.TINY_FILES['vae'])
+    assert r.returncode == 1 and 'a tiny VAR' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert '[var] tokens' not in r.stdout
+    r = run_var(out / models.TINY_FILES['var'])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    init, warm_sd = (models.load_state_dict_file(d / models.TINY_FILES['var']) for d in (out, warm))
+    assert all(torch.allclose(init[k].float(), warm_sd[k].float(), atol=1e-3) for k in init)
+    torch.manual_seed(0)  # --seed 0: what the run would have started from without --var_init
+    fresh = models.build_tiny(init=True)[1].state_dict()
+    assert not all(torch.allclose(init[k].float(), fresh[k], atol=1e-3) for k in init)
+    entry = json.loads((warm / 'MANIFEST.json').read_text())[models.TINY_FILES['var']]
+    assert entry['init_sha256'] == manifest[models.TINY_FILES['var']]['sha256']
+
 
 # What a resume checkpoint holds, in order: a run started by one version of pretrain_tiny.py is continued by the next
 # (a long pretraining run spans sessions), so these keys are a file format
