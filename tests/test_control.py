@@ -130,14 +130,15 @@ def test_a_few_steps_make_the_injector_read_its_input(tmp_path, tiny):
 
 def test_adversarial_steps_alone_move_the_guidance_against_a_planted_shift(tmp_path, tiny):
     """lambda_rec 0: D's signal alone must turn the mean guidance toward -delta (first version: away from it). With the
-    tiny defaults cos is 0.02 after 24 steps and 0.18 after 40 (150 steps of batch 16: 0.49)."""
+    tiny defaults on the v3 VAR cos is 0.25 / 0.25 / 0.37 after these 60 steps of batch 16 (training seeds 0 / 1 / 2;
+    150 steps on the full data: 0.34 / 0.43 / 0.41). At batch 8 it is noise: -0.08 / 0.16 / 0.08 after 40 steps."""
     vae, var, img, labels, idx = tiny
-    out = _train(tmp_path, '--plant', 'shift', '--lambda_rec', '0', '--max_steps', '40', '--global_batch_size', '8')
+    out = _train(tmp_path, '--plant', 'shift', '--lambda_rec', '0', '--max_steps', '60', '--global_batch_size', '16')
     delta = models.plant_error(models.load_tiny()[1], 'shift')
     with torch.no_grad():
         g = models.teacher_guidance(out['var'], out['injector'].eval(), idx)[:, var.first_l:].mean((0, 1))
     cos = torch.nn.functional.cosine_similarity(g, -delta, dim=0).item()
-    assert cos > 0.05, cos
+    assert cos > 0.1, cos
 
 
 def test_positive_control_benchmark_runs_end_to_end(tmp_path):
@@ -153,7 +154,7 @@ def test_positive_control_benchmark_runs_end_to_end(tmp_path):
     rows = json.loads(res.with_suffix('.json').read_text())['rows']
     assert [(r['plant'], r['arm'], r['seeds']) for r in rows] == [('shift', 'ce', [0])]
     r = rows[0]
-    # 100 samples order the recalibrated plant (measured: clean 16.3, planted 24.3; 1,000 samples: 13.4, 24.5)
+    # 100 samples order the recalibrated plant (measured on v2: clean 16.3, planted 24.3; v3, 1,000 samples: 10.2, 22.7)
     assert 0 < r['residual'][0] < 1.01 and r['FID_planted'] > r['FID_clean'] + 3 and len(r['gap_closed']) == 1
     assert '| shift (FID' in res.with_suffix('.md').read_text()
 

@@ -17,9 +17,9 @@ FRESH_SEED = 123
 # measured on the shipped files -> threshold, with a margin (guards against a broken or regressed file).
 MAX_VAE_MSE = 0.012           # measured 0.0068 (images in [-1, 1]; the first shipped VQ-VAE: 0.049)
 MIN_FEATNET_ACC = 0.95        # measured 1.00 on these 200 shapes (chance 0.10; the first shipped featnet: 0.93)
-MIN_SAMPLE_ACC = 0.45         # measured 0.65 on these 20 samples (chance 0.10; the first shipped VAR: 0.35)
+MIN_SAMPLE_ACC = 0.5          # measured 0.75 on these 20 samples (chance 0.10; v2: 0.65; the first shipped VAR: 0.35)
 MIN_TOKEN_ACC_FIRST = 0.15    # measured 0.20 (the palette has ~50 background colours for 1 token)
-MIN_TOKEN_ACC_LAST = 0.28     # measured 0.37 (the first shipped VAR: 0.19)
+MIN_TOKEN_ACC_LAST = 0.28     # measured 0.38 (v2: 0.37; the first shipped VAR: 0.19)
 # sampling settings of the test: CFG 5 with top-k / top-p, the most class-faithful of those tried on the first VAR
 CFG, TOP_K, TOP_P = 5.0, 20, 0.9
 
@@ -57,11 +57,10 @@ def test_shipped_files_load_and_are_small(tiny, featnet):
     assert (models.TINY_DIR / 'MANIFEST.json').is_file()
 
 
-@pytest.mark.parametrize('folder', [models.REPO_DIR / 'weights', models.REPO_DIR / 'weights' / 'v3'])
-def test_committed_weights_match_their_manifest(folder):
-    """Every file a MANIFEST.json lists is there, with its recorded size and sha256 (a truncated or swapped file fails).
-    weights/v3/ holds the next VAR, staged until the injector and the control are redone on it (docs/pretrain_tiny.md)."""
+def test_committed_weights_match_their_manifest():
+    """Every file weights/MANIFEST.json lists is there, with its recorded size and sha256 (a truncated or swapped file fails)."""
     import json
+    folder = models.REPO_DIR / 'weights'
     manifest = json.loads((folder / 'MANIFEST.json').read_text())
     assert manifest
     for name, entry in manifest.items():
