@@ -41,7 +41,7 @@ p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='training
 p.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
 p.add_argument('--w', type=float, nargs='+', default=[0.0001, 0.001, 0.01, 0.1], help='guided weights (default variant)')
 p.add_argument('--ablation_seeds', type=int, nargs='+', default=[0])
-p.add_argument('--ablation_w', type=float, nargs='+', default=[0.001])
+p.add_argument('--ablation_w', type=float, nargs='+', default=[0.001, 0.1], help='guided weights of the ablations (0.1: the tiny training w)')
 p.add_argument('--n_per_class', type=int, default=200, help='samples per class (10 classes): 2,000 by default')
 p.add_argument('--sample_seed', type=int, default=1234, help='evaluation seed: never used for training or tuning')
 p.add_argument('--steps', type=int, default=None, help='training steps (default: train_injector.py default)')
