@@ -33,6 +33,7 @@ VARIANTS = {
     'inject_head': ['--inject', 'head'],
     'context_rollout': ['--context', 'rollout'],
     'broadcast': ['--broadcast'],
+    'ce_only': ['--lambda_adv', '0'],  # the reconstruction term alone: what the adversarial term adds to it
 }
 METRICS = ('FID', 'IS', 'precision', 'recall', 'class_acc', 'ISCS')
 
