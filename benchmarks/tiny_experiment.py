@@ -14,7 +14,7 @@ Writes benchmarks/results/tiny_experiment.{json,md}: mean ± std over training s
 per run, its paired-bootstrap 95% interval: evaluate.py --bootstrap),
 and the per-scale ISCS curve. A finished run's files are reused, so an interrupted experiment resumes.
 
-    python benchmarks/tiny_experiment.py                                      # benchmarks/results/tiny_experiment.md (~1.5 h on 2 cores)
+    python benchmarks/tiny_experiment.py                                      # benchmarks/results/tiny_experiment.md (about 1 h on 2 cores)
     python benchmarks/tiny_experiment.py --seeds 0 --variants default --n_per_class 50 --steps 100   # quick look
 """
 import argparse

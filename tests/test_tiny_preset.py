@@ -5,6 +5,8 @@ validates on seed 1).
 Thresholds are the values measured on the shipped files (see weights/MANIFEST.json) with a margin;
 retraining with `python pretrain_tiny.py` should pass them too.
 """
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,7 +61,6 @@ def test_shipped_files_load_and_are_small(tiny, featnet):
 
 def test_committed_weights_match_their_manifest():
     """Every file weights/MANIFEST.json lists is there, with its recorded size and sha256 (a truncated or swapped file fails)."""
-    import json
     folder = models.REPO_DIR / 'weights'
     manifest = json.loads((folder / 'MANIFEST.json').read_text())
     assert manifest
