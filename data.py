@@ -231,6 +231,37 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def folder_lock(folder, what):
+    """Holds folder/.lock (with this process's pid) for the block: a second process on the same folder stops with one
+    line instead of racing the first; a lock left by a process that no longer runs is taken over."""
+    path = Path(folder) / '.lock'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                os.kill(pid, 0)  # raises when no such process
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            except PermissionError:  # a live process of another user
+                pass
+            raise SystemExit(f'{folder} is in use by {what} (process {pid}, {path}); wait for it, or use another '
+                             f'folder. If no such process runs, delete {path}.') from None
+    else:
+        raise SystemExit(f'could not take the lock {path}')
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def atomic_save(obj, path):
     """Writes obj to path through atomic_path: str as text, bytes as they are, anything else with torch.save."""
     with atomic_path(path) as tmp:

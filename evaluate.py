@@ -78,18 +78,21 @@ def main(argv=None):
     results, feats = [], []
     for path, smp in samples:
         res, f = ev.evaluate(path, smp, ref, ref_fid)
-        write_json(json_path(path), res)
         results.append(res)
         feats.append(f)
-    diffs = print_results(results)
+    diffs = print_results(results)  # before any file is written: a folder that refuses the json loses nothing
     out = dict(results=results, differences_to_first=diffs)
-    if args.bootstrap:
-        out['fid_bootstrap'] = paired_fid_bootstrap(feats, ref_fid['mu'], ref_fid['sigma'], args.bootstrap)
-        for path, bs, d in zip(args.samples[1:], out['fid_bootstrap'], diffs['FID']):
-            print(f'[evaluate] FID({Path(path).name}) - FID({Path(args.samples[0]).name}) = {d:+.3f}, paired bootstrap '
-                  f'95% interval [{bs["ci95"][0]:+.3f}, {bs["ci95"][1]:+.3f}], lower in {100 * bs["p_lower"]:.1f}% of '
-                  f'{bs["n_boot"]} replicates')
-    for path, _ in samples:
+    for name, key, mu in (('FID', 'fid_bootstrap', 'mu'), ('FID_judge', 'fid_judge_bootstrap', 'judge_mu')):
+        if not args.bootstrap or mu not in ref_fid:
+            continue
+        out[key] = iscs.paired_fid_bootstrap([f[name] for f in feats], ref_fid[mu], ref_fid[mu.replace('mu', 'sigma')],
+                                             args.bootstrap)
+        for path, bs, d in zip(args.samples[1:], out[key], diffs[name]):
+            print(f'[evaluate] {name}({Path(path).name}) - {name}({Path(args.samples[0]).name}) = {d:+.3f}, paired '
+                  f'bootstrap 95% interval [{bs["ci95"][0]:+.3f}, {bs["ci95"][1]:+.3f}], lower in '
+                  f'{100 * bs["p_lower"]:.1f}% of {bs["n_boot"]} replicates')
+    for (path, _), res in zip(samples, results):
+        write_json(json_path(path), res)
         print(f'[evaluate] wrote {json_path(path)}')
     if args.json:
         write_json(args.json, out)
@@ -157,9 +160,12 @@ class Evaluator:
         self.tiny = preset['name'] == 'tiny'
         self.cache_dir, self._vae, self._feat_net = Path(args.cache_dir), None, None
         torch.manual_seed(1)  # --random_init: the same random feature networks every run
-        if self.tiny:  # the tiny feature network stands in for Inception
+        self.judge = None
+        if self.tiny:  # the tiny feature network stands in for Inception; the judge is a network D never saw
             self.fid_net = models.build_feature_net('tiny', pretrained=not args.random_init)
             self.feat_desc = 'tiny feature network CLS (pre-logits, 128-d); IS / class accuracy: its 10-class logits'
+            self.judge = models.frozen(models.build_judge() if args.random_init else models.load_judge(), device)
+            self.judge_desc = 'the judge CNN (models.build_judge, trained apart from D\'s backbone): penultimate 128-d, 10-class logits'
         else:
             self.fid_net = models.FIDInceptionV3() if args.random_init else models.load_fid_inception(args.ckpt_dir, device)
             self.feat_desc = 'FID InceptionV3 pool3 (2048-d); IS: 1008 logits without fc bias'
@@ -173,6 +179,12 @@ class Evaluator:
             f, lg = models.inception_features(images_NHWC_uint8, self.fid_net, self.args.batch_size, self.device)
         if not (np.isfinite(f).all() and np.isfinite(lg).all()):
             raise SystemExit(f'{desc}: the feature network produced NaN / inf features (broken weights?)')
+        return f, lg
+
+    def judge_features(self, images_NHWC_uint8, desc):
+        f, lg = models.judge_features(images_NHWC_uint8, self.judge, device=self.device, desc=desc)
+        if not (np.isfinite(f).all() and np.isfinite(lg).all()):
+            raise SystemExit(f'{desc}: the judge network produced NaN / inf features (broken weights?)')
         return f, lg
 
     def vae(self):
@@ -217,6 +229,12 @@ class Evaluator:
         if hit:
             print(f'[evaluate] reference features from the cache ({self.cache_dir})')
         out['stats_from'] = f'{len(ref["images"])} reference images' if ref['images'] is not None else None
+        if self.judge is not None and ref['images'] is not None:
+            def judge_stats():
+                mu, sigma = iscs.feature_stats(self.judge_features(ref['images'], 'reference judge features')[0])
+                return dict(mu=mu, sigma=sigma)
+            js, _ = self.cached('judge', (ref['hash'], fingerprint(self.judge), self.preset['resolution']), judge_stats)
+            out['judge_mu'], out['judge_sigma'] = js['mu'], js['sigma']
         stored = ref['stats']
         if stored is not None:
             if not self.tiny and stored['mu'].shape == (2048,) and stored['sigma'].shape == (2048, 2048):
@@ -245,8 +263,8 @@ class Evaluator:
             print(f'[evaluate] ISCS reference statistics from the cache ({self.cache_dir})')
         return [(m, s) for m, s in zip(out['mu'], out['sigma'])], int(out['n'])
 
-    def evaluate(self, path, smp, ref, ref_fid) -> tuple[dict, np.ndarray]:
-        """(the result dict, the (N, D) FID features of the samples)."""
+    def evaluate(self, path, smp, ref, ref_fid) -> tuple[dict, dict]:
+        """(the result dict, {'FID': (N, D) FID features of the samples[, 'FID_judge': the judge's]})."""
         a, warnings, skipped = self.args, [], {}
         images, n = smp['images'], len(smp['images'])
         res = dict(samples=str(path), n=n, resolution=int(images.shape[1]), preset=self.preset['name'],
@@ -282,6 +300,14 @@ class Evaluator:
             settings['pr_ref_n'] = len(ref_fid['pr_feats'])
         if self.tiny and smp['labels'] is not None:  # the tiny feature network classifies the preset's classes
             m['class_acc'] = float(np.mean(logits.argmax(1) == smp['labels']))
+        feats = dict(FID=feats)
+        if 'judge_mu' in ref_fid:
+            feats['FID_judge'], jlogits = self.judge_features(images, f'judge features {Path(path).name}')
+            m['FID_judge'] = iscs.frechet_distance(*iscs.feature_stats(feats['FID_judge']), ref_fid['judge_mu'],
+                                                   ref_fid['judge_sigma'])
+            res['features']['judge'] = self.judge_desc
+            if smp['labels'] is not None:
+                m['class_acc_judge'] = float(np.mean(jlogits.argmax(1) == smp['labels']))
         m['ISCS'] = None
         reason = self.iscs_skip_reason(smp, ref)
         if reason:
@@ -339,7 +365,7 @@ def fixed_subset(n: int, m, seed=0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
 
 
-# ---------------------------------------- Inception Score, precision / recall, paired bootstrap (FID, ISCS: iscs.py)
+# ---------------------------------------- Inception Score, precision / recall (FID, its paired bootstrap, ISCS: iscs.py)
 
 def inception_score_per_split(logits_NK, splits: int = 10, shuffle_seed: int | None = 0) -> np.ndarray:
     """Per-chunk Inception Scores, float64 (splits,). See inception_score."""
@@ -427,26 +453,10 @@ def precision_recall(real_ND, fake_MD, k: int = 3, block: int = 10000, device='c
     return precision, recall
 
 
-def paired_fid_bootstrap(feats_list, ref_mu, ref_sigma, n_boot: int, seed: int = 0) -> list:
-    """Paired bootstrap of FID(set i) - FID(set 0), i >= 1, over [(N, D)] features of row-paired sample sets: every
-    replicate resamples the same rows in every set (resampling inflates each FID, but alike, so the difference keeps
-    its meaning); the reference ref_mu (D,), ref_sigma (D, D) is held fixed. Per set i >= 1: dict(ci95=[2.5th,
-    97.5th percentile], p_lower=share of replicates where set i has the lower FID, n_boot)."""
-    rng = np.random.default_rng(seed)
-    n = len(feats_list[0])
-    d_BI = np.empty((n_boot, len(feats_list) - 1))
-    for b in data.progress(range(n_boot), desc='paired bootstrap', dynamic_ncols=True):
-        idx = rng.integers(0, n, n)
-        fids = [iscs.frechet_distance(*iscs.feature_stats(f[idx]), ref_mu, ref_sigma) for f in feats_list]
-        d_BI[b] = np.asarray(fids[1:]) - fids[0]
-    return [dict(ci95=[float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))], p_lower=float(np.mean(d < 0)),
-                 n_boot=n_boot) for d in d_BI.T]
-
-
 # ---------------------------------------- output
 
 ROWS = [('FID', 'lower'), ('IS', 'higher'), ('precision', 'higher'), ('recall', 'higher'),
-        ('class_acc', 'higher'), ('ISCS', 'higher')]
+        ('class_acc', 'higher'), ('FID_judge', 'lower'), ('class_acc_judge', 'higher'), ('ISCS', 'higher')]
 
 
 def print_results(results: list) -> dict:
@@ -464,13 +474,13 @@ def print_results(results: list) -> dict:
     heads += [f'{h} - {heads[0]}' for h in heads[1:]]
     width = max(12, *(len(h) for h in heads)) + 2
     fmt = lambda v: '-' if v is None else f'{v:.4f}' if abs(v) < 1e4 else f'{v:.4g}'
-    print(f'{"metric":12s} {"better":7s}' + ''.join(f'{h:>{width}s}' for h in heads))
+    print(f'{"metric":16s} {"better":7s}' + ''.join(f'{h:>{width}s}' for h in heads))
     diffs = {}
     for name in names:
         vals = [t.get(name) for t in tables]
         d = [None if v is None or vals[0] is None else v - vals[0] for v in vals[1:]]
         diffs[name] = d
-        print(f'{name:12s} {better.get(name, ""):7s}' + ''.join(f'{fmt(v):>{width}s}' for v in vals + d))
+        print(f'{name:16s} {better.get(name, ""):7s}' + ''.join(f'{fmt(v):>{width}s}' for v in vals + d))
     for r in results:
         for what, why in r['skipped'].items():
             print(f'[evaluate] {Path(r["samples"]).name}: {what} skipped: {why}')
@@ -485,7 +495,19 @@ def json_path(sample_path) -> Path:
 
 
 def write_json(path, obj):
-    data.atomic_save(json.dumps(obj, indent=1, sort_keys=False, default=float) + '\n', path)
+    """Atomic; says in one line when it replaces a result against another reference, and when it cannot write."""
+    path = Path(path)
+    try:
+        old = json.loads(path.read_text()).get('reference') if path.is_file() else None
+    except (ValueError, OSError, AttributeError):
+        old = None
+    new = obj.get('reference') if 'reference' in obj else None
+    if old and new and old.get('sha256') != new.get('sha256'):
+        print(f'[evaluate] {path}: replacing the result against {old.get("desc")} with this one against {new.get("desc")}')
+    try:
+        data.atomic_save(json.dumps(obj, indent=1, sort_keys=False, default=float) + '\n', path)
+    except OSError as e:
+        raise SystemExit(f'[evaluate] could not write {path} ({e.strerror or e}); the metrics are printed above') from None
 
 
 if __name__ == '__main__':

@@ -1,13 +1,16 @@
 """Pretrain the tiny preset from scratch on the shapes data: VQ-VAE, then VAR, then the feature network.
 
-Writes into --out_dir (default weights/): tiny_vae.pt (multi-scale VQ-VAE), tiny_var.pt (class-conditional VAR, EMA
+Writes into --out_dir (a run folder; the shipped weights/ only through --ship): tiny_vae.pt (multi-scale VQ-VAE), tiny_var.pt (class-conditional VAR, EMA
 weights), tiny_featnet.pt (a small ViT classifier, the tiny preset's DINO / Inception stand-in), pretrain_*.png for
 a look, and MANIFEST.json (sha256, size, command, seeds, metrics, wall time per file); weights are fp16 state_dicts.
+--stage judge trains the judge (tiny_judge.pt: a CNN classifier trained apart from the feature network, the network
+every method decision on the tiny preset is read on).
 --stage runs one stage (a later one loads the earlier ones' files); --resume continues bit-identically from
 out_dir/resume_<stage>.pt, --stop_after N ends a session. Recipe, pilots and costs: docs/pretrain_tiny.md.
 
-    python pretrain_tiny.py                                              # everything, into weights/
-    python pretrain_tiny.py --out_dir runs/tiny_v2 --serial [--resume]   # a staging copy, on one core
+    python pretrain_tiny.py                                  # everything, into runs/pretrain_tiny
+    python pretrain_tiny.py --stage judge --ship             # the judge, then copied into weights/ (+ MANIFEST)
+    python pretrain_tiny.py --out_dir runs/tiny_v2 --serial [--resume]   # on one core
 """
 import argparse
 import json
@@ -23,13 +26,16 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 import data
+import iscs
 import models
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-parser.add_argument('--stage', default='all', choices=['all', 'vae', 'var', 'featnet'])
+parser.add_argument('--stage', default='all', choices=['all', 'vae', 'var', 'featnet', 'judge'])
 parser.add_argument('--preset', default=models.TINY_PRESET, choices=sorted(models.TINY_PRESETS),
                     help='architecture (models.TINY_PRESETS); default: the one weights/ holds')
-parser.add_argument('--out_dir', default=str(models.TINY_DIR))
+parser.add_argument('--out_dir', default='runs/pretrain_tiny', help='run folder (never the shipped weights/: see --ship)')
+parser.add_argument('--ship', action='store_true', help=f'at the end, copy the files this run trained into {models.TINY_DIR} '
+                    '(replacing the shipped ones) and merge their MANIFEST.json entries')
 parser.add_argument('--resume', action='store_true',
                     help='continue each stage from out_dir/resume_<stage>.pt; stages that finished are skipped')
 parser.add_argument('--ckpt_min', type=float, default=5.0, help='write the resume checkpoint every this many minutes')
@@ -72,6 +78,12 @@ parser.add_argument('--fn_steps', type=int, default=6000)
 parser.add_argument('--fn_bs', type=int, default=64)
 parser.add_argument('--fn_lr', type=float, default=1e-3)
 parser.add_argument('--fn_n_train', type=int, default=60000, help='its training images (train_seed)')
+# the judge (models.build_judge): a CNN trained apart from the feature network, on shapes of its own seed
+parser.add_argument('--judge_steps', type=int, default=4000)
+parser.add_argument('--judge_bs', type=int, default=128)
+parser.add_argument('--judge_lr', type=float, default=2e-3)
+parser.add_argument('--judge_n_train', type=int, default=30000)
+parser.add_argument('--judge_data_seed', type=int, default=5, help="its training shapes' seed (not --train_seed)")
 parser.add_argument('--serial', action='store_true', help='--stage all: featnet after the VAR, not alongside')
 parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)  # the parallel featnet process
 args = parser.parse_args()
@@ -131,10 +143,11 @@ def ship(out_dir, stage, model, wall, metrics_fn, info):
     data.atomic_save(sd, path)
     sha = data.sha256_file(path).hexdigest()
     arch = {k: v for k, v in models.TINY_PRESETS[args.preset].items() if (k == 'featnet') == (stage == 'featnet')}
+    arch = 'models.build_judge' if stage == 'judge' else arch.get('featnet', arch)
     # the command without the session flags (--resume, --stop_after N): a resumed run records the same one
     command = re.sub(r' --resume\b| --stop_after[ =]\S+', '', ' '.join(['python pretrain_tiny.py', *sys.argv[1:]]))
     entry = dict(sha256=sha, size_bytes=path.stat().st_size, command=command, torch_version=torch.__version__,
-                 preset=args.preset, arch=arch.get('featnet', arch), stage=stage, wall_time_s=round(wall),
+                 preset=args.preset, arch=arch, stage=stage, wall_time_s=round(wall),
                  metrics=metrics, **info)
     update_manifest(out_dir, lambda manifest: manifest.update({path.name: entry}))
     data.atomic_save(dict(stage=stage, done=True, sha256=sha), resume_path(out_dir, stage))
@@ -457,6 +470,48 @@ def train_featnet(out_dir, va_img, va_lab):
          dict(steps=args.fn_steps, batch=args.fn_bs, lr=args.fn_lr, **dict(DATA_INFO, train_images=args.fn_n_train)))
 
 
+# stage 4: the judge
+
+@torch.no_grad()
+def judge_metrics(net, va_img, va_lab):
+    """Held-out accuracy, and the FID of 1,000 fresh shapes (seed 7) against evaluate.py's reference (10,000 shapes,
+    seed data.REF_SHAPES_SEED) on the judge's features: the floor of its FID at this sample count."""
+    net.eval()
+    acc = (torch.cat([net(data.to_signed(va_img[i:i + 500])).argmax(-1) for i in range(0, len(va_img), 500)]) == va_lab)
+    fresh, _ = data.make_shapes(1000, seed=7)
+    ref, _ = data.make_shapes(10000, seed=data.REF_SHAPES_SEED)
+    stats = [iscs.feature_stats(models.judge_features(x, net, progress=False)[0]) for x in (fresh, ref)]
+    return dict(val_acc=round(acc.float().mean().item(), 4), fid_1000_fresh_shapes=round(iscs.frechet_distance(*stats[0], *stats[1]), 3))
+
+
+def train_judge(out_dir, va_img, va_lab):
+    torch.manual_seed(args.seed)
+    tr_img, tr_lab = shapes(args.judge_n_train, args.judge_data_seed)
+    net = models.build_judge()
+    opt = torch.optim.AdamW(net.parameters(), lr=args.judge_lr, betas=(0.9, 0.999), weight_decay=0.05)
+    gen = torch.Generator().manual_seed(args.seed)
+    st = restore(out_dir, 'judge', net, opt, gen, step=0, wall=0.0)
+    start, t0 = st['step'], time.time() - st['wall']
+    net.train()
+    pbar = data.progress(range(start, args.judge_steps), initial=start, total=args.judge_steps, desc='judge', file=sys.stdout)
+    for step in pbar:
+        set_lr(opt, step, args.judge_steps, args.judge_lr)
+        ids = batch_ids(step, len(tr_img), args.judge_bs)
+        x_B3HW = data.to_signed(tr_img[ids])
+        flip_B = torch.rand(len(ids), generator=gen) < 0.5  # every class is mirror-symmetric
+        x_B3HW = torch.where(flip_B[:, None, None, None], x_B3HW.flip(-1), x_B3HW)
+        loss = F.cross_entropy(net(x_B3HW), tr_lab[ids], label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        pbar.set_postfix_str(f'loss {loss.item():.3f}')
+        after_step(out_dir, 'judge', step + 1, lambda: dict(model=net.state_dict(), opt=opt.state_dict(),
+                                                            gen=gen.get_state(), wall=time.time() - t0))
+    ship(out_dir, 'judge', net, time.time() - t0, lambda: judge_metrics(net, va_img, va_lab),
+         dict(steps=args.judge_steps, batch=args.judge_bs, lr=args.judge_lr,
+              **dict(DATA_INFO, train_images=args.judge_n_train, train_seed=args.judge_data_seed)))
+
+
 @torch.no_grad()
 def score_var_samples(out_dir):
     """How recognisable the VAR's samples are to the feature network: --score_n samples (balanced classes, seeds
@@ -480,14 +535,33 @@ def score_var_samples(out_dir):
         'metrics', {}).update(var_sample_acc=acc, var_sample_settings=settings))
 
 
+def ship_to_weights(out_dir, names):
+    """--ship: copies the named stage files and their MANIFEST.json entries into models.TINY_DIR, then checks that
+    the shipped loaders accept them."""
+    dest, entries = Path(models.TINY_DIR), json.loads((out_dir / 'MANIFEST.json').read_text())
+    for n in names:
+        name = models.TINY_FILES[n]
+        data.atomic_save((out_dir / name).read_bytes(), dest / name)
+        update_manifest(dest, lambda manifest: manifest.update({name: entries[name]}))
+        print(f'[ship] {out_dir / name} -> {dest / name}')
+    if args.preset == models.TINY_PRESET:  # the shipped loaders must accept what was written
+        for n, load in (('var', models.load_tiny), ('featnet', models.load_featnet), ('judge', models.load_judge)):
+            if n in names:
+                load()
+        print(f'[check] the shipped loaders load {names}')
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 def main():
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
+    if out_dir.resolve() == Path(models.TINY_DIR).resolve():
+        raise SystemExit(f'--out_dir {out_dir} is the folder of the shipped tiny models: train into a run folder and '
+                         f'add --ship to copy the results there. Nothing was written.')
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    stages = ['vae', 'var', 'featnet'] if args.stage == 'all' else [args.stage]
+    stages = ['vae', 'var', 'featnet', 'judge'] if args.stage == 'all' else [args.stage]
     if not args.resume and not args.child:  # a fresh run: no stale checkpoint may be resumed from later
         for s in stages:
             resume_path(out_dir, s).unlink(missing_ok=True)
@@ -507,6 +581,8 @@ def main():
         train_var(out_dir, tr_img, tr_lab, va_img, va_lab)
     if (args.stage == 'featnet' or (args.stage == 'all' and args.serial)) and not stage_done(out_dir, 'featnet'):
         train_featnet(out_dir, va_img, va_lab)
+    if 'judge' in stages and not args.child and not stage_done(out_dir, 'judge'):
+        train_judge(out_dir, va_img, va_lab)
     if child is not None and child.wait() != 0:
         raise SystemExit(f'the feature network process failed (exit {child.returncode}); see {log.name}')
     if args.child:
@@ -514,14 +590,8 @@ def main():
     names = [n for n in ('vae', 'var', 'featnet') if (out_dir / models.TINY_FILES[n]).is_file()]
     if len(names) == 3:
         score_var_samples(out_dir)
-    # the shipped loaders must accept what was written (they read models.TINY_DIR)
-    if out_dir.resolve() == Path(models.TINY_DIR).resolve() and args.preset == models.TINY_PRESET:
-        if 'var' in names:
-            models.load_tiny()
-        if 'featnet' in names:
-            models.load_featnet()
-        total = sum((out_dir / models.TINY_FILES[n]).stat().st_size for n in names)
-        print(f'[check] models.load_tiny() / load_featnet() load {names}: {total / 1e6:.2f} MB in all')
+    if args.ship:
+        ship_to_weights(out_dir, [n for n in stages if (out_dir / models.TINY_FILES[n]).is_file()])
     print(f'[done] {(time.time() - t0) / 60:.1f} min')
 
 

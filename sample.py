@@ -9,10 +9,12 @@ GPU count does not change the result; finished batches wait in .partial_w{w}/ an
 has the details.
 """
 import argparse
+import contextlib
 import json
 import math
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,9 @@ p.add_argument('--w', type=float, nargs='+', default=None,
                help="guidance weight(s), finite; several give one npz each from identical seeds (default: the injector's "
                     "w_train: 0.001 for the paper's real models, 0.1 for the shipped tiny injector). Negative or > 1 "
                     "runs with a warning")
+p.add_argument('--validated_w', action='store_true',
+               help="replace every guided --w by the injector's validated w (train_injector.py's verdict; 0 when the "
+                    "guidance did not help)")
 p.add_argument('--inject', choices=['input', 'head'], default=None, help="default: the injector's training setting")
 p.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance scale (the VAR evaluation protocol: 1.5)')
 p.add_argument('--top_k', type=int, default=None, help='default: 900 (real models), the injector meta or 0 (tiny)')
@@ -89,6 +94,8 @@ def resolve_args(argv=None):
         raise SystemExit(f'--seed must be >= 0, got {args.seed}')
     if args.w is not None:  # before any folder is made or model loaded
         check_ws(args.w)
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise SystemExit(f'--out_dir {args.out_dir} is a file, not a folder.')
     return args
 
 
@@ -131,6 +138,23 @@ def build_models(args, device):
                              f'train one with `python train_injector.py` and pass --injector, or sample plain VAR with --w 0.')
     injector, meta = models.load_injector(path, var, device)
     return vae, var, injector, dict(meta, source=str(path), sha256=data.sha256_file(path).hexdigest()[:16])
+
+
+def verdict_line(inj_meta):
+    """One line on what the injector's validation (train_injector.py) found; None without an injector."""
+    if inj_meta.get('source') in ('none', 'random'):
+        return None
+    val = inj_meta.get('validation')
+    if not val:
+        return ('[sample] warning: this injector carries no validation (trained with --val_n 0, or before '
+                'train_injector.py validated): whether its guidance helps is unknown')
+    r = min(val['rows'], key=lambda r: r['FID'])
+    found = (f'{val["net"]} FID {val["FID_w0"]:.2f} -> {r["FID"]:.2f} at w {r["w"]:g}, 95% [{r["ci95"][0]:+.2f}, '
+             f'{r["ci95"][1]:+.2f}], {val["n"]} paired samples at step {val["step"]}')
+    if val['verdict'] == 'helps':
+        return f'[sample] the injector\'s validation: guidance helps ({found}); validated w = {val["validated_w"]:g}'
+    return (f'[sample] warning: this injector did NOT help in its validation ({val["verdict"]}: {found}); '
+            f'--validated_w samples at its validated w = {val["validated_w"]:g}')
 
 
 def settings_of(args, var, inj_meta, w, labels_N) -> dict:
@@ -243,7 +267,7 @@ def main(argv=None):
     args = resolve_args(argv)
     # cpu=True on a GPU-less machine lets torchrun-style launches (accelerate launch --multi_gpu) use gloo on the CPU
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
     if args.mixed_precision is None:
         args.mixed_precision = 'fp16' if device.type == 'cuda' else 'no'
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.mixed_precision, torch.bfloat16)
@@ -253,6 +277,13 @@ def main(argv=None):
         vae, var, injector, inj_meta = build_models(args, device)
     if args.w is None:
         args.w = [inj_meta.get('w_train', 0.001)]
+    line = verdict_line(inj_meta) if any(w != 0 for w in args.w) else None
+    if line and accelerator.is_main_process:
+        print(line, file=sys.stderr if 'warning' in line else sys.stdout)
+    if args.validated_w:
+        if not (inj_meta.get('validation') or {}).get('rows'):
+            raise SystemExit('--validated_w: this injector has no validation verdict (train_injector.py --val_n N writes one)')
+        args.w = [w if w == 0 else inj_meta['validation']['validated_w'] for w in args.w]
     if args.inject is None:
         args.inject = inj_meta.get('inject', 'input')
     # real models: the VAR evaluation protocol; tiny: the values tuned with the injector, when its file records them
@@ -269,11 +300,19 @@ def main(argv=None):
     hook = models.make_guidance_hook(var, injector) if injector is not None else None
     ws = list(dict.fromkeys(float(w) for w in args.w))
     labels_N = class_major_labels(args.classes, args.num_per_class)
-    bs = args.batch_size
-    n_batches = -(-len(labels_N) // bs)
     out_dir = Path(args.out_dir)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+    # one sampling run per folder at a time (the main process holds the lock; the other ranks are its own)
+    with data.folder_lock(out_dir, 'another sample.py') if accelerator.is_main_process else contextlib.nullcontext():
+        return sample_into(args, accelerator, vae, var, injector, inj_meta, hook, ws, labels_N, out_dir, autocast)
+
+
+def sample_into(args, accelerator, vae, var, injector, inj_meta, hook, ws, labels_N, out_dir, autocast):
+    """The sampling of main() into out_dir: finished files kept, partial runs resumed, then merged."""
+    rank, world, device, bs = accelerator.process_index, accelerator.num_processes, accelerator.device, args.batch_size
+    n_batches = -(-len(labels_N) // bs)
+    if accelerator.is_main_process:
         print(f'[sample] {"tiny preset" if args.depth is None else f"VAR-d{args.depth}"}'
               f'{" (random init)" if args.random_init else ""}: {len(labels_N)} samples ({len(args.classes)} classes x '
               f'{args.num_per_class}), w = {ws}, cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}, '
@@ -284,8 +323,12 @@ def main(argv=None):
         settings = settings_of(args, var, inj_meta, w, labels_N)
         final = out_dir / f'samples_w{w_tag(w)}.npz'
         if final.is_file():
-            with np.load(final) as f:
-                old = json.loads(str(f['meta'])) if 'meta' in f.files else {}
+            try:
+                with np.load(final) as f:
+                    old = json.loads(str(f['meta'])) if 'meta' in f.files else {}
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+                raise SystemExit(f'{final} exists but is not a readable npz ({type(e).__name__}: it was cut off?); '
+                                 f'delete it to sample it again.') from None
             if old != settings:
                 raise SystemExit(f'{final} exists but was sampled with other settings ({settings_diff(old, settings)}); '
                                  f'use another --out_dir or delete it.')
@@ -309,11 +352,15 @@ def main(argv=None):
         print(f'[sample] resuming: {done_before} finished batches found')
     if args.max_batches is not None:
         todo = todo[:args.max_batches]
-    for (w, _, part_dir, _), b in data.progress(todo, desc='sample', unit='batch', disable=not accelerator.is_main_process,
-                                                  dynamic_ncols=True):
-        labels_B = torch.from_numpy(labels_N[b * bs:(b + 1) * bs]).to(device)
-        img_BHW3, tokens_BL = sample_batch(var, hook, args, labels_B, batch_seed(args.seed, b), w, autocast())
-        data.save_npz(part_dir / f'batch_{b:05d}.npz', {'arr_0': img_BHW3, 'tokens': tokens_BL})
+    try:
+        for (w, _, part_dir, _), b in data.progress(todo, desc='sample', unit='batch',
+                                                      disable=not accelerator.is_main_process, dynamic_ncols=True):
+            labels_B = torch.from_numpy(labels_N[b * bs:(b + 1) * bs]).to(device)
+            img_BHW3, tokens_BL = sample_batch(var, hook, args, labels_B, batch_seed(args.seed, b), w, autocast())
+            data.save_npz(part_dir / f'batch_{b:05d}.npz', {'arr_0': img_BHW3, 'tokens': tokens_BL})
+    except KeyboardInterrupt:
+        raise SystemExit(f'\n[sample] interrupted: the finished batches are kept in {out_dir}/.partial_w*; the same '
+                         f'command resumes from them.') from None
     accelerator.wait_for_everyone()
 
     written = {}

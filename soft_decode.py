@@ -11,19 +11,25 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-MODES = ('soft', 'gumbel', 'st', 'st_gumbel')
+MODES = ('soft', 'gumbel', 'st', 'st_gumbel', 'rao', 'reinmax')
 
 
 def relax(logits_BlV: torch.Tensor, mode: str = 'soft', tau: float = 1.0,
-          generator: Optional[torch.Generator] = None) -> torch.Tensor:
+          generator: Optional[torch.Generator] = None, rao_k: int = 16) -> torch.Tensor:
     """Logits (B, l, V) -> differentiable token probabilities (B, l, V), rows summing to 1.
 
     soft: softmax(logits / tau), the expected code embedding (the paper's choice); gumbel: softmax((logits + Gumbel
     noise) / tau), a relaxed sample; st: straight-through, the hard one-hot argmax forward and the soft gradient
     backward; st_gumbel: a hard one-hot sample (the token inference would draw) forward, the gradient of the
-    relaxed sample with the same noise backward."""
+    relaxed sample with the same noise backward; rao: the same hard sample forward, the st_gumbel gradient averaged
+    over rao_k Gumbel draws conditioned on that sample (Gumbel-Rao, Paulus et al. 2020: lower variance, same mean);
+    reinmax: a hard sample forward, ReinMax's second-order gradient backward (Liu et al. 2023)."""
     if mode not in MODES:
         raise ValueError(f'decode mode must be one of {MODES}, got {mode!r}')
+    if mode == 'rao':
+        return gumbel_rao(logits_BlV, tau, rao_k, generator)
+    if mode == 'reinmax':
+        return reinmax(logits_BlV, tau, generator)
     if mode in ('gumbel', 'st_gumbel'):
         E = torch.empty_like(logits_BlV).exponential_(generator=generator)
         soft = ((logits_BlV - E.log()) / tau).softmax(-1)
@@ -33,6 +39,38 @@ def relax(logits_BlV: torch.Tensor, mode: str = 'soft', tau: float = 1.0,
         return soft
     hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
     return hard + (soft - soft.detach())  # exact one-hot values forward, soft gradient backward
+
+
+def gumbel_rao(logits_BlV, tau=1.0, k=16, generator=None):
+    """A hard one-hot sample of softmax(logits) forward; backward, the mean gradient of softmax((logits + G) / tau)
+    over k Gumbel perturbations G drawn conditioned on the sample being their argmax (Paulus et al. 2020, eq. 6)."""
+    with torch.no_grad():
+        lf_BlV = logits_BlV.float()
+        E = torch.empty((k + 1, *lf_BlV.shape), device=lf_BlV.device).exponential_(generator=generator)
+        hard_BlV = F.one_hot(lf_BlV.sub(E[0].log()).argmax(-1), lf_BlV.shape[-1]).to(lf_BlV.dtype)  # a Gumbel-max sample
+        E = E[1:]  # fresh draws for the conditional perturbations
+        logZ = lf_BlV.logsumexp(-1, keepdim=True)
+        E_i = (E * hard_BlV).sum(-1, keepdim=True)  # the sampled code's exponential
+        # the perturbed logits given the argmax: the top one ~ Gumbel(logZ), the others truncated below it
+        top = logZ - E_i.log()
+        rest = -torch.logaddexp(-top, (E.log() - lf_BlV))
+        noise = torch.where(hard_BlV.bool(), top, rest) - lf_BlV
+    soft = torch.stack([((logits_BlV + n.to(logits_BlV.dtype)) / tau).softmax(-1) for n in noise]).mean(0)
+    hard_BlV = hard_BlV.to(soft.dtype)
+    return hard_BlV + (soft - soft.detach())
+
+
+def reinmax(logits_BlV, tau=1.0, generator=None):
+    """ReinMax (Liu et al. 2023, Alg. 2): a hard sample of softmax(logits) forward; backward, the gradient of
+    2 pi_1 - pi_0 / 2 with pi_0 = softmax(logits), pi_1 = softmax(logits) with the value (D + softmax(logits / tau)) / 2."""
+    pi0 = logits_BlV.softmax(-1)
+    with torch.no_grad():
+        E = torch.empty_like(logits_BlV, dtype=torch.float32).exponential_(generator=generator)
+        hard_BlV = F.one_hot(logits_BlV.float().sub(E.log()).argmax(-1), logits_BlV.shape[-1]).to(pi0.dtype)
+        shifted = (hard_BlV + (logits_BlV / tau).softmax(-1)) / 2
+    pi1 = ((shifted.log() - logits_BlV).detach() + logits_BlV).softmax(-1)
+    surrogate = 2 * pi1 - pi0 / 2
+    return hard_BlV + (surrogate - surrogate.detach())
 
 
 def one_hot(idx_Bl: torch.Tensor, V: int, dtype=torch.float32) -> torch.Tensor:
@@ -87,7 +125,28 @@ def match_temperature(d_NV: torch.Tensor, target: float, stat=entropy, lo=1e-6, 
     return (lo * hi) ** 0.5
 
 
-def disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, decode, tau, real_probs=None):
+def scale_groups(scales, B, SN, device):
+    """[(k, indices of the samples whose scale is k)]: every k >= 1 for every sample when scales is None."""
+    if scales is None:
+        return [(k, torch.arange(B, device=device)) for k in range(1, SN)]
+    return [(k, (scales == k).nonzero().squeeze(1)) for k in range(1, SN) if (scales == k).any()]
+
+
+def disc_fakes(var, logits_BLV, ctx_idx, labels_B, scales, decode, tau, draws=1, rao_k=16):
+    """The fakes of disc_images alone, `draws` relaxed samples per image from the same logits (one VAR pass):
+    (fake (draws * N, 3, H, W), labels), draw-major (rows [d * N, (d + 1) * N) are draw d, grouped by k)."""
+    vae, B, SN = var.vae, labels_B.shape[0], len(var.patch_nums)
+    fakes, labs = [], []
+    for _ in range(draws):
+        for k, sel in scale_groups(scales, B, SN, labels_B.device):
+            bg, ed = var.begin_ends[k]
+            probs = relax(logits_BLV[sel, bg:ed], decode, tau, rao_k=rao_k)
+            fakes.append(decode_mixed(vae, [c[sel] for c in ctx_idx[:k]], probs))
+            labs.append(labels_B[sel])
+    return torch.cat(fakes), torch.cat(labs)
+
+
+def disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, decode, tau, real_probs=None, rao_k=16):
     """AID-VAR's discriminator inputs: fake (context prefix one-hot + relaxed guided scale k, differentiable) and real
     (ground-truth prefix one-hot + scale k: `real_probs[k]` if given, the paper's soft-decoded reals, else one-hot)
     cumulative images of scales 0..k.
@@ -98,20 +157,15 @@ def disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, decode, tau,
     Returns fake (N,3,H,W), real (N,3,H,W), labels (N,), grouped by k.
     """
     vae, B, SN = var.vae, labels_B.shape[0], len(var.patch_nums)
-    groups = [(k, torch.arange(B, device=labels_B.device)) for k in range(1, SN)] if scales is None else \
-        [(k, (scales == k).nonzero().squeeze(1)) for k in range(1, SN) if (scales == k).any()]
-    fakes, reals, labs = [], [], []
-    for k, sel in groups:
-        bg, ed = var.begin_ends[k]
-        probs = relax(logits_BLV[sel, bg:ed], decode, tau)
-        fakes.append(decode_mixed(vae, [c[sel] for c in ctx_idx[:k]], probs))
-        with torch.no_grad():
+    fake, labs = disc_fakes(var, logits_BLV, ctx_idx, labels_B, scales, decode, tau, rao_k=rao_k)
+    reals = []
+    with torch.no_grad():
+        for k, sel in scale_groups(scales, B, SN, labels_B.device):
             if real_probs is None:
                 reals.append(vae.idxBl_to_img([g[sel] for g in gt_idx[:k + 1]], last_one=True))
             else:
-                reals.append(decode_mixed(vae, [g[sel] for g in gt_idx[:k]], real_probs[k][sel].to(probs.dtype)))
-        labs.append(labels_B[sel])
-    return torch.cat(fakes), torch.cat(reals), torch.cat(labs)
+                reals.append(decode_mixed(vae, [g[sel] for g in gt_idx[:k]], real_probs[k][sel].to(torch.promote_types(logits_BLV.dtype, torch.float32))))
+    return fake, torch.cat(reals), labs
 
 
 @torch.no_grad()
@@ -136,3 +190,19 @@ def matched_real_temperatures(var, img_B3HW, labels_B, decode_tau=1.0, match='en
     stat = entropy if match == 'entropy' else lambda p: -(p @ E_VC).norm(dim=-1).mean()
     return [match_temperature(d.reshape(-1, d.shape[-1]), stat((logits_BLV[:, bg:ed] / decode_tau).softmax(-1)).item(), stat)
             for d, (bg, ed) in zip(dists, var.begin_ends)]
+
+
+def guidance_gradient(var, D, labels_B, idx_Bl, w, scales, decode, tau=1.0, draws=1, rao_k=16):
+    """What the adversarial term tells the injector: d(-mean D(fake)) / d(g) at g = 0 for guidance w * g added to the
+    token features (--inject input) of a teacher-forced pass on idx_Bl, fakes as disc_fakes makes them (D: any
+    callable (images, labels) -> logits). Returns (B, L, C) float32, zero on scale 0."""
+    B, dev = labels_B.shape[0], labels_B.device
+    zero_B1C = torch.zeros(B, var.first_l, var.C, device=dev)
+    g_BlC = torch.zeros(B, var.L - var.first_l, var.C, device=dev, requires_grad=True)
+    with torch.no_grad():
+        x_BLCv = var.vae.quantize.idxBl_to_var_input(idx_Bl)
+    h_BLC, cond_BD = var.forward_hidden(labels_B, x_BLCv, input_add_BLC=w * torch.cat([zero_B1C, g_BlC], 1))
+    fake, labs = disc_fakes(var, var.get_logits(h_BLC, cond_BD), idx_Bl, labels_B, scales, decode, tau, draws, rao_k)
+    grad, = torch.autograd.grad(-D(fake, labs).mean(), g_BlC)
+    return torch.cat([zero_B1C, grad], 1)
+

@@ -6,7 +6,7 @@ f_hat (the collapse case of App. C). Writes a per-step, per-scale CSV (acc_real,
 the D heads (--space rgb: usable as `train_injector.py --disc_ckpt`).
 
     python train_disc_probe.py --space rgb   &&   python train_disc_probe.py --space latent     # tiny preset
-    accelerate launch train_disc_probe.py --depth 16 --data_path /data/imagenet --space rgb       # real models
+    python train_disc_probe.py --depth 16 --data_path /data/imagenet --space rgb       # real models (one GPU)
 """
 import argparse
 import csv
@@ -37,6 +37,7 @@ p.add_argument('--cfg', type=float, default=1.5, help='CFG of the frozen-VAR sam
 p.add_argument('--top_k', type=int, default=None, help='top-k of the frozen-VAR samples (0: off)')
 p.add_argument('--top_p', type=float, default=None, help='top-p of the frozen-VAR samples (0: off)')
 p.add_argument('--out_dir', type=str, default='runs/disc_probe', help='CSV, plot and D heads go here')
+p.add_argument('--overwrite', action='store_true', help="replace an earlier probe's files of the same --space in out_dir")
 p.add_argument('--seed', type=int, default=0, help='weights, data order and samples')
 p.add_argument('--n_tiny', type=int, default=20000, help='tiny preset: number of training shapes')
 models.show_preset_defaults(p)  # flags left at None take models.PRESETS' value (main)
@@ -85,7 +86,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     preset = models.apply_preset(args)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if args.steps < 1 or args.batch_size < 1:
+        raise SystemExit(f'--steps and --batch_size must be >= 1, got {args.steps} and {args.batch_size}')
     out_dir = Path(args.out_dir)
+    outputs = [out_dir / f'{n}_{args.space}.{ext}' for n, ext in (('probe', 'csv'), ('probe', 'png'), ('disc_heads', 'pt'))]
+    held = [f.name for f in outputs if f.exists()]
+    if held and not args.overwrite:
+        raise SystemExit(f'{out_dir} already holds a --space {args.space} probe ({", ".join(held)}); choose another '
+                         f'--out_dir or pass --overwrite. Nothing was written.')
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = data.build_train_data(args.depth, args.data_path, n_tiny=args.n_tiny)
     torch.manual_seed(args.seed)

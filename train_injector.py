@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from torchvision.utils import save_image
 
 import data
+import iscs
 import models
 import soft_decode
 
@@ -41,6 +43,11 @@ p.add_argument('--context', choices=['teacher', 'rollout'], default=None,
 p.add_argument('--decode', choices=list(soft_decode.MODES), default=None,
                help='relaxation of the guided scale for D: probabilities, Gumbel-softmax or straight-through (soft_decode.py)')
 p.add_argument('--tau', type=float, default=1.0, help='softmax / Gumbel temperature of the relaxed decode')
+p.add_argument('--rao_k', type=int, default=16, help='--decode rao: conditional Gumbel draws averaged per token')
+p.add_argument('--g_draws', type=int, default=None, help='relaxed samples of the guided scale per image in the injector '
+               'loss, sharing one VAR pass (1: the paper; the loss is their mean)')
+p.add_argument('--fake_cfg', type=float, default=None, help="CFG of the fakes' teacher-forced logits, (1 + t) cond - t "
+               "uncond with t = fake_cfg * k / (K - 1) as in sampling (0: none, the conditional logits)")
 p.add_argument('--real_decode', choices=['soft', 'hard'], default=None,
                help="real images for D: 'soft' (paper §3.2: the quantizer's soft labels, as soft as the fakes) or one-hot")
 p.add_argument('--real_match', choices=list(soft_decode.REAL_MATCH), default='entropy',
@@ -72,6 +79,17 @@ p.add_argument('--out_dir', type=str, default='runs/injector', help='run folder:
                'log.jsonl, config.json, grids; refused if it holds an earlier run unless --resume is given')
 p.add_argument('--resume', type=str, default=None, help="a last.pt, or 'auto' for OUT_DIR/last.pt if it exists (else a "
                "fresh start); log.jsonl is cut back to the checkpoint's step")
+p.add_argument('--val_n', type=int, default=None, help='validation: paired samples per w (guided vs w = 0) at the end '
+               'and every --val_every steps; 0: none (the injector then carries no verdict)')
+p.add_argument('--val_w', type=float, nargs='+', default=None, help='validation: guided weights (default: w_train)')
+p.add_argument('--val_seed', type=int, default=999, help='validation sampling seed (keep it apart from evaluation seeds)')
+p.add_argument('--val_at', choices=['end', 'ckpt'], default='end', help="validate at the end only, or at every "
+               "checkpoint too (then the best-validated weights are kept as injector_best.pt)")
+p.add_argument('--val_net', choices=['judge', 'featnet', 'inception'], default=None,
+               help="validation FID network: tiny preset 'judge' (a CNN D never saw; 'featnet' is D's backbone), real "
+                    "models 'inception'")
+p.add_argument('--val_ref', type=str, default=None, help="validation reference (evaluate.py's --ref): tiny preset "
+               "default 'shapes' (10,000 fresh shapes); real models: the ADM batch, a real-image npz or a folder")
 p.add_argument('--disc_ckpt', type=str, default=None, help='D heads to start from (train_disc_probe.py output)')
 p.add_argument('--seed', type=int, default=0, help='seeds the fresh weights, the data order and every step')
 p.add_argument('--sample_every', type=int, default=None, help='sample grid interval (0: never)')
@@ -97,9 +115,28 @@ TRACKER_PROJECT = 'aid-var'
 
 def resolve_args(argv=None):
     args = p.parse_args(argv)
-    models.apply_preset(args)
+    preset = models.apply_preset(args)
     if args.max_steps is None and args.epochs is None:
         args.epochs = 1
+    positive = dict(global_batch_size=args.global_batch_size, max_steps=args.max_steps, epochs=args.epochs,
+                    ckpt_every=args.ckpt_every)
+    bad = [f'--{k} {v}' for k, v in positive.items() if v is not None and not v > 0]
+    bad += [f'--{k} {v}' for k, v in dict(lr_g=args.lr_g, lr_d=args.lr_d).items() if not v >= 0]
+    if bad:
+        raise SystemExit(f'{", ".join(bad)}: batch size, steps, epochs and checkpoint interval must be > 0 (0 steps would '
+                         f'write an untrained injector), learning rates >= 0.')
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise SystemExit(f'--out_dir {args.out_dir} is a file, not a folder.')
+    if args.g_draws < 1 or args.rao_k < 1 or args.val_n < 0 or args.fake_cfg < 0:
+        raise SystemExit(f'--g_draws and --rao_k must be >= 1, --val_n and --fake_cfg >= 0; got {args.g_draws}, '
+                         f'{args.rao_k}, {args.val_n}, {args.fake_cfg}')
+    args.val_w = [args.w_train] if args.val_w is None else args.val_w
+    if args.val_n and (args.val_net == 'inception') != (preset['name'] == 'real'):
+        raise SystemExit(f"--val_net {args.val_net} does not fit the {preset['name']} preset: 'judge' or 'featnet' "
+                         f"for the tiny preset, 'inception' for the real models")
+    if args.val_n and preset['name'] == 'real' and args.val_ref is None:
+        raise SystemExit('--val_n on the real models needs --val_ref: the ADM batch VIRTUAL_imagenet256_labeled.npz, a '
+                         'real-image npz or an image folder (or --val_n 0: no validation, and no verdict)')
     return args
 
 
@@ -116,7 +153,16 @@ def build_everything(args, device):
     D = models.ProjectedDiscriminator(backbone, num_classes=var.num_classes, norm=args.disc_norm,
                                       diffaug=args.disc_aug).to(device)
     if args.disc_ckpt:
-        ck = torch.load(args.disc_ckpt, map_location='cpu', weights_only=True)
+        path = Path(args.disc_ckpt)
+        if not path.is_file():
+            raise SystemExit(f'--disc_ckpt {path}: no such file (the disc_heads_rgb.pt that train_disc_probe.py writes).')
+        try:
+            ck = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:  # truncated, garbage, a pickle of something else
+            raise SystemExit(f'--disc_ckpt {path} is not a readable torch file ({_first_line(e)}).') from None
+        if not (isinstance(ck, dict) and isinstance(ck.get('disc_heads'), dict)):
+            raise SystemExit(f'--disc_ckpt {path} holds no D heads (keys {sorted(map(str, ck))[:6] if isinstance(ck, dict) else type(ck).__name__}); '
+                             f'give the disc_heads_rgb.pt that train_disc_probe.py --space rgb writes.')
         meta = ck.get('meta', {})
         if meta.get('space', 'rgb') != 'rgb':
             raise SystemExit(f'--disc_ckpt {args.disc_ckpt} holds latent-space heads (train_disc_probe.py --space latent); '
@@ -124,7 +170,10 @@ def build_everything(args, device):
         if meta.get('norm', 'bn') != args.disc_norm:
             raise SystemExit(f'--disc_ckpt {args.disc_ckpt} holds heads with --disc_norm {meta.get("norm", "bn")}; '
                              f'this run uses --disc_norm {args.disc_norm}.')
-        D.load_heads_state_dict(ck['disc_heads'])
+        try:
+            D.load_heads_state_dict(ck['disc_heads'])
+        except RuntimeError as e:  # heads of another backbone or preset
+            raise SystemExit(f'--disc_ckpt {path}: its heads do not fit this D ({_first_line(e)}).') from None
     injector = models.GuidanceInjector(var.C, var.patch_nums, broadcast=args.broadcast).to(device)
     return vae, var, D, injector
 
@@ -132,18 +181,90 @@ def build_everything(args, device):
 # ----------------------------------------------------------------------------------------------------------
 # The training step
 
-def guided_logits(var, injector, labels_B, ctx_idx, w, inject):
-    """Teacher-forced VAR pass on context tokens with the injector's guidance. Returns (logits_BLV, g_BLC)."""
+def guided_logits(var, injector, labels_B, ctx_idx, w, inject, cfg=0.0):
+    """Teacher-forced VAR pass on context tokens with the injector's guidance. Returns (logits_BLV, g_BLC,
+    cond_logits_BLV): with cfg > 0 logits_BLV are the sampler's CFG mix of this pass and one with the null class
+    (both guided), cond_logits_BLV the conditional half; with cfg 0 both are the conditional logits."""
+    B = labels_B.shape[0]
     with torch.no_grad():
         x_BLCv = var.vae.quantize.idxBl_to_var_input(ctx_idx)
     g_BLC = models.teacher_guidance(var, injector, ctx_idx)
+    add_BLC, labels = w * g_BLC, labels_B
+    if cfg > 0:  # as autoregressive_infer_cfg: the null class as the second half, the same guidance on both
+        labels, x_BLCv, add_BLC = torch.cat([labels_B, torch.full_like(labels_B, var.num_classes)]), x_BLCv.repeat(2, 1, 1), add_BLC.repeat(2, 1, 1)
     if inject == 'input':
-        h_BLC, cond_BD = var.forward_hidden(labels_B, x_BLCv, input_add_BLC=w * g_BLC)
+        h_BLC, cond_BD = var.forward_hidden(labels, x_BLCv, input_add_BLC=add_BLC)
     else:  # the VAR body runs without a graph; only head_nm + head carry gradient
         with torch.no_grad():
-            h_BLC, cond_BD = var.forward_hidden(labels_B, x_BLCv)
-        h_BLC = models.at_least_fp32(h_BLC) + w * g_BLC
-    return var.get_logits(h_BLC, cond_BD), g_BLC
+            h_BLC, cond_BD = var.forward_hidden(labels, x_BLCv)
+        h_BLC = models.at_least_fp32(h_BLC) + add_BLC
+    logits_BLV = var.get_logits(h_BLC, cond_BD)
+    if cfg == 0:
+        return logits_BLV, g_BLC, logits_BLV
+    t_L = torch.cat([torch.full((pn * pn,), cfg * si / (len(var.patch_nums) - 1)) for si, pn in enumerate(var.patch_nums)])
+    t_1L1 = t_L.to(logits_BLV)[None, :, None]
+    return (1 + t_1L1) * logits_BLV[:B] - t_1L1 * logits_BLV[B:], g_BLC, logits_BLV[:B]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: does the guided VAR beat w = 0 on a held-out sampling seed? (a selection step, not an evaluation)
+
+def validation_setup(args, device):
+    """(features: uint8 images (N, H, W, 3) -> (N, D) float64, reference (mu, sigma), a description)."""
+    if args.val_net == 'inception':
+        net = models.FIDInceptionV3().eval() if args.random_init else models.load_fid_inception(args.ckpt_dir, device)
+        feats = lambda x: models.inception_features(x, net.to(device), device=device, progress=False)[0]
+    elif args.val_net == 'judge':
+        net = models.frozen(models.build_judge() if args.random_init else models.load_judge(), device)
+        feats = lambda x: models.judge_features(x, net, device=device, progress=False)[0]
+    else:
+        net = models.frozen(models.build_feature_net('tiny', not args.random_init), device)
+        feats = lambda x: models.featnet_features(x, net, device=device, progress=False)[0]
+    preset = models.preset_of(args.depth)
+    ref = data.load_reference(args.val_ref or 'shapes', preset['resolution'], 10000)
+    if args.val_net == 'inception' and ref['stats'] is not None and ref['stats']['mu'].shape == (2048,):
+        stats = ref['stats']['mu'], ref['stats']['sigma']
+    else:
+        stats = iscs.feature_stats(feats(ref['images']))
+    return feats, stats, f'{args.val_net} FID against {ref["desc"]}'
+
+
+@torch.no_grad()
+def validate(var, injector, args, setup, step, device, autocast, n_boot=200):
+    """FIDs of args.val_n samples at w = 0 and at each --val_w, paired (the same labels and batch seeds from --val_seed),
+    with paired-bootstrap 95% intervals of each change. Verdict: 'helps' (an interval below 0), 'harms' (every interval
+    above 0) or 'no measurable effect'; validated_w: the helping w of lowest FID, else 0."""
+    feats_fn, (mu, sigma), desc = setup
+    labels_N = torch.arange(args.val_n, device=device) % var.num_classes
+    hook, was_training = models.make_guidance_hook(var, injector), injector.training
+    injector.eval()
+    feats = []
+    for w in [0.0, *args.val_w]:
+        imgs = []
+        for b, labels_B in enumerate(labels_N.split(100)):
+            with autocast():
+                x = var.autoregressive_infer_cfg(len(labels_B), labels_B, g_seed=data.derived_seed(args.val_seed, b),
+                                                 cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, inject=args.inject,
+                                                 guidance_hook=hook if w else None, guidance_w=w)
+            imgs.append(x.float().mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())  # as sample.py writes
+        feats.append(feats_fn(np.concatenate(imgs)))
+    injector.train(was_training)
+    fids = [iscs.frechet_distance(*iscs.feature_stats(f), mu, sigma) for f in feats]
+    rows = [dict(w=w, FID=fid, change=fid - fids[0], ci95=bs['ci95']) for w, fid, bs in
+            zip(args.val_w, fids[1:], iscs.paired_fid_bootstrap(feats, mu, sigma, n_boot))]
+    helps = [r for r in rows if r['ci95'][1] < 0]
+    verdict = 'helps' if helps else 'harms' if all(r['ci95'][0] > 0 for r in rows) else 'no measurable effect'
+    return dict(step=step, verdict=verdict, validated_w=min(helps, key=lambda r: r['FID'])['w'] if helps else 0.0,
+                FID_w0=fids[0], rows=rows, n=args.val_n, seed=args.val_seed, net=args.val_net, desc=desc)
+
+
+def verdict_line(val):
+    """One line: does the guidance help, by how much, where to sample."""
+    r = min(val['rows'], key=lambda r: r['FID'])
+    word = {'helps': 'helps', 'harms': 'HARMS', 'no measurable effect': 'does not help measurably'}[val['verdict']]
+    return (f'validation at step {val["step"]} ({val["desc"]}; {val["n"]} paired samples per w, seed {val["seed"]}): '
+            f'guidance {word}: FID {val["FID_w0"]:.2f} -> {r["FID"]:.2f} at w {r["w"]:g} ({r["change"]:+.2f}, 95% '
+            f'[{r["ci95"][0]:+.2f}, {r["ci95"][1]:+.2f}]); validated w = {val["validated_w"]:g}')
 
 
 def rank_mean(x, world):
@@ -196,11 +317,12 @@ def train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, ar
                                                           top_p=args.top_p, guidance_hook=models.make_guidance_hook(var, injector),
                                                           guidance_w=args.w_train, inject=args.inject, ret_idx=True)
             injector.train()
-        logits_BLV, g_BLC = guided_logits(var, injector, labels_B, ctx_idx, args.w_train, args.inject)
+        logits_BLV, g_BLC, cond_logits = guided_logits(var, injector, labels_B, ctx_idx, args.w_train, args.inject,
+                                                       args.fake_cfg if use_d else 0.0)
         if use_d:
             scales = None if args.disc_scales == 'all' else torch.randint(1, SN, (per_device,), device=device)
             fake, real, labs = soft_decode.disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, args.decode,
-                                                       args.tau, real_probs)
+                                                       args.tau, real_probs, args.rao_k)
             # --- D step on real vs the current fakes
             D.requires_grad_(True)
             out_real, out_fake = D(real, labs), D(fake.detach(), labs)
@@ -213,7 +335,7 @@ def train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, ar
                 loss_D = loss_D + args.r1_gamma / 2 * r1 * args.r1_every
 
         # the token CE is always on a teacher-forced pass
-        logits_ce = logits_BLV if ctx_idx is gt_idx else guided_logits(var, injector, labels_B, gt_idx, args.w_train, args.inject)[0]
+        logits_ce = cond_logits if ctx_idx is gt_idx else guided_logits(var, injector, labels_B, gt_idx, args.w_train, args.inject)[0]
         loss_ce = F.cross_entropy(logits_ce.reshape(-1, var.V), torch.cat(gt_idx, 1).reshape(-1))
 
     stats = rank_mean(torch.stack([loss_D.detach().float(), r1.detach().float(), loss_ce.detach().float(),
@@ -232,6 +354,10 @@ def train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, ar
     # --- injector step against the updated D
     D.requires_grad_(False)
     with accelerator.autocast():
+        if use_d and args.g_draws > 1:  # more relaxed samples of the same logits: a lower-variance gradient
+            more, more_labs = soft_decode.disc_fakes(var, logits_BLV, ctx_idx, labels_B, scales, args.decode, args.tau,
+                                                     args.g_draws - 1, args.rao_k)
+            fake, labs = torch.cat([fake, more]), torch.cat([labs, more_labs])
         loss_adv = -D(fake, labs).mean() if use_d else zero
         loss_injector = args.lambda_adv * loss_adv + args.lambda_rec * loss_ce
     adv = rank_mean(loss_adv.detach().float(), world)
@@ -401,6 +527,11 @@ def main(argv=None):
     out_dir = Path(args.out_dir)
     resume = decide_resume(args, out_dir, accelerator)  # before anything is written or loaded
     ck = read_resume(resume, args) if resume else None
+    changed = [f'--{k} {v} -> {getattr(args, k)}' for k, v in (ck or {}).get('args', {}).items()
+               if k not in ('resume', 'real_temps') and hasattr(args, k) and getattr(args, k) != v]
+    if changed:
+        accelerator.print(f'[AID-VAR] --resume {resume}: continuing with settings that differ from the checkpoint\'s: '
+                          f'{", ".join(changed)}')
 
     dataset = data.build_train_data(args.depth, args.data_path, n_tiny=args.n_tiny)
     if args.global_batch_size % world:
@@ -431,7 +562,12 @@ def main(argv=None):
                     'no checkpoint had been written yet'
                 raise SystemExit(f'[AID-VAR] step {at}: {name} = {v}; training stopped before the update, {where}.')
 
-    def save_checkpoint():
+    def injector_meta(val):
+        return dict(depth=args.depth, inject=args.inject, w_train=args.w_train, context=args.context, decode=args.decode,
+                    step=step, lambda_rec=args.lambda_rec, seed=args.seed, lambda_adv=args.lambda_adv, plant=args.plant,
+                    g_draws=args.g_draws, fake_cfg=args.fake_cfg, validation=val if val and val['step'] == step else None)
+
+    def save_checkpoint(val):
         sums = torch.tensor([sum(float(t.double().sum()) for m in (injector, D.heads) for t in m.state_dict().values()
                                  if t.is_floating_point())], dtype=torch.float64, device=device)
         if world > 1:  # every rank must hold the same weights, or the run is silently broken
@@ -442,9 +578,7 @@ def main(argv=None):
             data.atomic_save(dict(injector=injector.state_dict(), disc_heads=D.heads_state_dict(), opt_g=opt_g.state_dict(),
                                   opt_d=opt_d.state_dict(), step=step, args=vars(args), world=world,
                                   weights_checksum=float(sums)), ckpt_path)
-            models.save_injector(out_dir / 'injector.pt', injector, dict(
-                depth=args.depth, inject=args.inject, w_train=args.w_train, context=args.context, decode=args.decode,
-                step=step, lambda_rec=args.lambda_rec, seed=args.seed, lambda_adv=args.lambda_adv, plant=args.plant))
+            models.save_injector(out_dir / 'injector.pt', injector, injector_meta(val))
         accelerator.wait_for_everyone()
 
     config = dict(vars(args), world=world, per_device_batch_size=per_device, steps_per_epoch=steps_per_epoch,
@@ -459,39 +593,65 @@ def main(argv=None):
     if args.report_to != 'none':
         accelerator.init_trackers(TRACKER_PROJECT, config=tracker_values(config),
                                   init_kwargs={'wandb': {'name': out_dir.name, 'dir': str(out_dir)}})
+    val_path, val_setup, val = out_dir / 'validation.json', None, None
+    history = [v for v in json.loads(val_path.read_text())['history'] if v['step'] <= step] \
+        if val_path.is_file() and resume is not None else []
+    if args.val_n and accelerator.is_main_process:
+        val_setup = validation_setup(args, device)
+    elif not args.val_n:
+        accelerator.print('[AID-VAR] --val_n 0: no validation; the injector will carry no verdict on whether it helps')
     bar = data.progress(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc='AID-VAR',
                         dynamic_ncols=True)
     D.train()
     injector.train()
-    while step < total_steps:
-        epoch, start = divmod(step, steps_per_epoch)
-        for img_B3HW, labels_B in data.epoch_batches(dataset, epoch, start, per_device, rank, world, args.seed, args.num_workers):
-            if step >= total_steps:
-                break
-            rec = train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, args, accelerator, check_finite)
-            rec['epoch'] = epoch
-            step += 1
-            if log_f:
-                log_f.write(json.dumps(rec) + '\n')
-                log_f.flush()
-            if args.report_to != 'none':
-                accelerator.log(tracker_values({k: v for k, v in rec.items() if k != 'step'}), step=step)
-            bar.set_postfix(D=f'{rec["loss_D"]:.3f}', adv=f'{rec["loss_adv"]:.3f}', ce=f'{rec["loss_CE"]:.3f}',
-                            acc_r=f'{rec["acc_real"]:.2f}', acc_f=f'{rec["acc_fake"]:.2f}', ips=f'{rec["img_per_s"]:.1f}',
-                            refresh=False)  # shown by update(), which keeps to mininterval (a log gets few lines)
-            bar.update(1)
-            if step % args.ckpt_every == 0 or step == total_steps:
-                save_checkpoint()
-                last_ckpt_step = step
-            if accelerator.is_main_process and args.sample_every > 0 and (step % args.sample_every == 0 or step == total_steps):
-                injector.eval()
-                with accelerator.autocast():
-                    sample_grid(var, injector, args, out_dir / f'grid_step{step:06d}.png')
-                injector.train()
+    try:
+        while step < total_steps:
+            epoch, start = divmod(step, steps_per_epoch)
+            batches = data.epoch_batches(dataset, epoch, start, per_device, rank, world, args.seed, args.num_workers)
+            for img_B3HW, labels_B in batches:
+                if step >= total_steps:
+                    break
+                rec = train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, args, accelerator, check_finite)
+                rec['epoch'] = epoch
+                step += 1
+                if log_f:
+                    log_f.write(json.dumps(rec) + '\n')
+                    log_f.flush()
+                if args.report_to != 'none':
+                    accelerator.log(tracker_values({k: v for k, v in rec.items() if k != 'step'}), step=step)
+                bar.set_postfix(D=f'{rec["loss_D"]:.3f}', adv=f'{rec["loss_adv"]:.3f}', ce=f'{rec["loss_CE"]:.3f}',
+                                acc_r=f'{rec["acc_real"]:.2f}', acc_f=f'{rec["acc_fake"]:.2f}', ips=f'{rec["img_per_s"]:.1f}',
+                                refresh=False)  # shown by update(), which keeps to mininterval (a log gets few lines)
+                bar.update(1)
+                if step % args.ckpt_every == 0 or step == total_steps:
+                    if val_setup and (step == total_steps or args.val_at == 'ckpt'):
+                        val = validate(var, injector, args, val_setup, step, device, accelerator.autocast)
+                        history.append(val)
+                        best = min(history, key=lambda v: min(r['FID'] for r in v['rows']))
+                        if args.val_at == 'ckpt' and best is val:
+                            models.save_injector(out_dir / 'injector_best.pt', injector, injector_meta(val))
+                        data.atomic_save(json.dumps(dict(last=val, best_step=best['step'], history=history), indent=1) + '\n',
+                                         val_path)
+                        bar.write(f'[AID-VAR] {verdict_line(val)}')  # main process only: val_setup is None elsewhere
+                    save_checkpoint(val)
+                    last_ckpt_step = step
+                if accelerator.is_main_process and args.sample_every > 0 and (step % args.sample_every == 0 or step == total_steps):
+                    injector.eval()
+                    with accelerator.autocast():
+                        sample_grid(var, injector, args, out_dir / f'grid_step{step:06d}.png')
+                    injector.train()
+    except KeyboardInterrupt:
+        kept = f'the checkpoint of step {last_ckpt_step} is kept in {ckpt_path}' if last_ckpt_step is not None else \
+            'no checkpoint was written yet'
+        raise SystemExit(f'\n[AID-VAR] interrupted at step {step}: {kept}; continue with the same command and '
+                         f'--resume auto.') from None
     bar.close()
     if log_f:
         log_f.close()
     accelerator.print(f'[AID-VAR] done: {step} steps; injector at {out_dir / "injector.pt"}, full state at {ckpt_path}')
+    if args.val_at == 'ckpt' and history:
+        best = min(history, key=lambda v: min(r['FID'] for r in v['rows']))
+        accelerator.print(f'[AID-VAR] best validated weights (step {best["step"]}, {best["verdict"]}): {out_dir / "injector_best.pt"}')
     accelerator.end_training()
     return dict(vae=vae, var=var, D=D, injector=injector)
 

@@ -4,36 +4,36 @@ For every planted error (models.plant_error: 'shift' moves every token feature o
 'logit' biases the head's logits of scales >= 1 toward one kind of code) and every arm (CE only, adversarial only,
 the paper's loss), train_injector.py --plant trains an injector with the preset's defaults and 3 seeds; then
 - the planted statistic's residual on 256 held-out shapes (teacher-forced, scales >= 1; 1 = untouched, 0 = removed):
-    shift: |mean(w g) + delta| / |delta|;
+    shift: |mean(w g) + delta| / |delta|, and mean(w g) split into the share of the way along -delta (1 = the
+    whole correction) and the sideways part |mean(w g) orthogonal to delta| / |delta|;
     logit: |mean(guided planted VAR's logits - clean VAR's logits, centred over the vocabulary)| / |b|;
 - the share of the clean-vs-planted FID gap the guided samples close, (FID_planted - FID_guided) / (FID_planted -
-  FID_clean), all three from the same labels and seeds (sample.py --seed, paired), scored by evaluate.py.
-A pipeline whose adversarial signal corrects errors passes: adversarial-only and the paper's loss close >= 50% of
-the gap in every seed, for both errors, and never widen it. Finished runs are reused (the experiment resumes).
+  FID_clean), all three from the same labels and seeds (sample.py --seed, paired), scored by evaluate.py on the
+  judge (a CNN trained apart from D's backbone: the pass criterion) and on the feature network (D's backbone, beside
+  it: an injector trained against D moves images along directions that network is sensitive to).
+Pass (issue 25): on the shift, adversarial-only and the paper's loss each close >= 50% of the judge's gap in every
+seed and leave residual <= 0.5, and the paper's loss closes at least as much as CE alone in every seed; on the logit
+plant, the paper's loss closes more than CE alone in every seed. Finished runs are reused (the experiment resumes).
 Writes benchmarks/results/positive_control.{md,json}.
 
 --data self isolates D's signal from the VAR's own errors: the "real" data are 5,000 samples of the clean VAR
-(so a perfect correction makes the planted VAR's samples indistinguishable from the data), FID is taken against
-2,000 other clean samples, and a second FID comes from a small CNN classifier trained here on shapes, a network D
-has never seen (on the tiny preset D's backbone is also the FID network, which D could learn to please).
+(so a perfect correction makes the planted VAR's samples indistinguishable from the data) and both FIDs are taken
+against 2,000 other clean samples.
 
     python benchmarks/positive_control.py                        # the README table
     python benchmarks/positive_control.py --plants shift --arms adv --seeds 0 --steps 60    # a quick look
 """
 import argparse
 import json
-import math
 import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import iscs  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 from perf import run  # noqa: E402  (benchmarks/perf.py)
@@ -73,46 +73,7 @@ def fid_of(args, out_dir, log, w, sample_flags):
         ref = ['--ref', str(args.ref)] if args.ref else []
         run(['evaluate.py', str(npz), '--no_iscs', '--json', str(js), *ref], log)
     m = json.loads(js.read_text())['results'][0]['metrics']
-    out = dict(FID=m['FID'], class_acc=m.get('class_acc'))
-    if args.evalnet is not None:
-        out['FID_cnn'] = evalnet_fid(args.evalnet, npz, args.ref)
-    return out
-
-
-def evalnet(path):
-    """A small CNN shapes classifier (96.5% on 2,000 held-out shapes of seed 6), trained once (a few minutes on one
-    core) and cached: an evaluation network that D never saw."""
-    import torch.nn as nn
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.GELU(), nn.Conv2d(32, 64, 3, 2, 1), nn.GELU(),
-                        nn.Conv2d(64, 128, 3, 2, 1), nn.GELU(), nn.Conv2d(128, 128, 3, 2, 1), nn.GELU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 10))
-    if path.is_file():
-        net.load_state_dict(torch.load(path, weights_only=True))
-        return net.eval()
-    img, lab = (torch.from_numpy(a) for a in data.make_shapes(30000, seed=5))
-    opt, steps = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=0.05), 1500
-    for s in data.progress(range(steps), desc='evaluation CNN'):
-        opt.param_groups[0]['lr'] = 1e-3 * (1 + math.cos(math.pi * s / steps))
-        i = torch.randint(len(img), (64,))
-        x = data.to_signed(img[i])
-        x = torch.where(torch.rand(64, 1, 1, 1) < 0.5, x.flip(-1), x)  # every class is mirror-symmetric
-        loss = torch.nn.functional.cross_entropy(net(x), lab[i], label_smoothing=0.1)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    data.atomic_save(net.state_dict(), path)
-    return net.eval()
-
-
-@torch.no_grad()
-def evalnet_fid(net, npz, ref_npz):
-    """FID of the CNN's penultimate features between two npz files of images."""
-    def stats(path):
-        with np.load(path) as f:
-            x = data.to_signed(torch.from_numpy(f['arr_0']))
-        return iscs.feature_stats(torch.cat([net[:-1](x[i:i + 500]) for i in range(0, len(x), 500)]).double().numpy())
-    return iscs.frechet_distance(*stats(npz), *stats(ref_npz))
+    return {k: m[k] for k in ('FID_judge', 'class_acc_judge', 'FID', 'class_acc')}
 
 
 @torch.no_grad()
@@ -129,7 +90,10 @@ def residual(plant, injector_path, n=256):
     g_BLC = models.teacher_guidance(var, injector, idx)
     if plant == 'shift':
         wg_C = (w * g_BLC[:, var.first_l:]).mean((0, 1))
-        return ((wg_C + err).norm() / err.norm()).item()
+        u_C = -err / err.norm()  # the direction of the correction
+        along = wg_C @ u_C
+        return dict(residual=((wg_C + err).norm() / err.norm()).item(), along=(along / err.norm()).item(),
+                    sideways=((wg_C - along * u_C).norm() / err.norm()).item())
     x_BLCv = var.vae.quantize.idxBl_to_var_input(idx)
     add = dict(input_add_BLC=w * g_BLC) if inject == 'input' else {}
     h_BLC, cond_BD = var.forward_hidden(labels, x_BLCv, **add)
@@ -137,7 +101,7 @@ def residual(plant, injector_path, n=256):
         h_BLC = h_BLC + w * g_BLC
     diff_BlV = (var.get_logits(h_BLC, cond_BD) - clean(labels, x_BLCv))[:, var.first_l:]
     diff_V = (diff_BlV - diff_BlV.mean(-1, keepdim=True)).mean((0, 1))
-    return (diff_V.norm() / err.norm()).item()
+    return dict(residual=(diff_V.norm() / err.norm()).item())
 
 
 def one_run(args, plant, arm, seed, out):
@@ -151,9 +115,23 @@ def one_run(args, plant, arm, seed, out):
              '--resume', 'auto', *data, *steps, *args.train_args.split(), *ARMS[arm]], log)
         (run_dir / 'done').touch()
     w = models.load_injector(run_dir / 'injector.pt', models.load_tiny()[1])[1]['w_train']
-    res = dict(residual=residual(plant, run_dir / 'injector.pt'), w=w)
+    res = dict(residual(plant, run_dir / 'injector.pt'), w=w)
     res.update(fid_of(args, run_dir / 'samples', log, w, ['--plant', plant, '--injector', str(run_dir / 'injector.pt')]))
     return res
+
+
+def passes(row, arms):
+    """The pass criterion of an arm (None where it has none: CE only, adversarial-only on the logit plant), read on
+    the judge's gap."""
+    if row['arm'] == 'ce':
+        return None
+    ce = arms.get('ce', {}).get('gap_closed_judge')
+    if row['plant'] == 'shift':
+        ok = all(c >= 0.5 for c in row['gap_closed_judge']) and all(r <= 0.5 for r in row['residual'])
+        return ok and (row['arm'] != 'paper' or ce is None or all(p >= c for p, c in zip(row['gap_closed_judge'], ce)))
+    if row['arm'] != 'paper' or ce is None:  # the logit plant's criterion is on the paper's loss only
+        return None
+    return all(p > c for p, c in zip(row['gap_closed_judge'], ce))
 
 
 def fmt(vals, f='{:.2f}'):
@@ -165,12 +143,11 @@ def main():
     suffix = '_self' if args.data == 'self' else ''
     out = Path(args.out_dir or f'runs/positive_control{suffix}')
     args.results = args.results or str(REPO / 'benchmarks' / 'results' / f'positive_control{suffix}')
-    args.train_npz = args.ref = args.evalnet = None
+    args.train_npz = args.ref = None
     if args.data == 'self':  # the clean VAR's own samples: 5,000 to train on, 2,000 as the FID reference
         out.mkdir(parents=True, exist_ok=True)
         args.train_npz = samples(out / 'data', out / 'data.log', 0, 500, 11)
         args.ref = samples(out / 'reference', out / 'data.log', 0, 200, 12)
-        args.evalnet = evalnet(out / 'evalnet.pt')
     base = {}
     for plant in args.plants:  # the paired reference points: clean and planted VAR, no injector
         d = out / plant
@@ -180,29 +157,29 @@ def main():
     jobs = [(plant, arm, seed) for plant in args.plants for arm in args.arms for seed in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = dict(zip(jobs, pool.map(lambda j: one_run(args, *j, out), jobs)))
-    cnn = args.evalnet is not None
-    rows, lines = [], ['| planted error | arm | residual per seed | FID per seed | gap closed per seed |'
-                       + (' CNN FID per seed | CNN gap closed |' if cnn else '') + ' passes |',
-                       '| --- | --- | --- | --- | --- |' + (' --- | --- |' if cnn else '') + ' --- |']
+    rows, lines = [], ['| planted error | arm | residual per seed | along -delta; sideways (of abs(delta)) | judge FID per seed '
+                       '| judge gap closed | featnet FID per seed | featnet gap closed | passes |', '|' + ' --- |' * 9]
     for plant in args.plants:
-        b0 = base[plant]
-        clean, planted = b0['clean']['FID'], b0['planted']['FID']
+        b0, gap = base[plant], {}
+        for key in ('FID_judge', 'FID'):
+            c0, c1 = b0['clean'][key], b0['planted'][key]
+            gap[key] = lambda f, c0=c0, c1=c1: (c1 - f) / (c1 - c0)
         for arm in args.arms:
             rs = [runs[(plant, arm, s)] for s in args.seeds]
-            closed = [(planted - r['FID']) / (planted - clean) for r in rs]
-            ok = arm == 'ce' or all(c >= 0.5 for c in closed)
-            row = dict(plant=plant, arm=arm, seeds=args.seeds, w=rs[0]['w'], passes=ok, FID_clean=clean, FID_planted=planted,
-                       gap_closed=closed, **{k: [r[k] for r in rs] for k in rs[0] if k != 'w'})
-            cells = [f'{plant} (FID {clean:.1f} clean, {planted:.1f} planted)', ARM_NAMES[arm],
-                     f'{fmt(row["residual"])} (mean {statistics.mean(row["residual"]):.2f})', fmt(row['FID'], '{:.1f}'),
-                     fmt(closed, '{:.0%}')]
-            if cnn:
-                c0, c1 = b0['clean']['FID_cnn'], b0['planted']['FID_cnn']
-                row['gap_closed_cnn'] = [(c1 - f) / (c1 - c0) for f in row['FID_cnn']]
-                cells += [f'{fmt(row["FID_cnn"], "{:.1f}")} ({c0:.1f} clean, {c1:.1f} planted)', fmt(row['gap_closed_cnn'], '{:.0%}')]
-            cells.append('-' if arm == 'ce' else 'yes' if ok else 'no')
+            row = dict(plant=plant, arm=arm, seeds=args.seeds, w=rs[0]['w'], baseline=b0,
+                       **{k: [r[k] for r in rs] for k in rs[0] if k != 'w'})
+            row['gap_closed_judge'] = [gap['FID_judge'](f) for f in row['FID_judge']]
+            row['gap_closed_featnet'] = [gap['FID'](f) for f in row['FID']]
             rows.append(row)
-            lines.append('| ' + ' | '.join(cells) + ' |')
+        for row in rows[-len(args.arms):]:
+            row['passes'] = passes(row, {r['arm']: r for r in rows[-len(args.arms):]})
+            split = f'{fmt(row["along"])}; {fmt(row["sideways"])}' if 'along' in row else '-'
+            lines.append('| ' + ' | '.join([
+                f'{plant} (judge {b0["clean"]["FID_judge"]:.1f} clean, {b0["planted"]["FID_judge"]:.1f} planted; featnet '
+                f'{b0["clean"]["FID"]:.1f} / {b0["planted"]["FID"]:.1f})', ARM_NAMES[row['arm']],
+                f'{fmt(row["residual"])} (mean {statistics.mean(row["residual"]):.2f})', split,
+                fmt(row['FID_judge'], '{:.1f}'), fmt(row['gap_closed_judge'], '{:.0%}'), fmt(row['FID'], '{:.1f}'),
+                fmt(row['gap_closed_featnet'], '{:.0%}'), {None: '-', True: 'yes', False: 'no'}[row['passes']]]) + ' |')
     table = '\n'.join(lines)
     print(table)
     res = Path(args.results)
@@ -211,7 +188,7 @@ def main():
               f'seeds {args.seeds}, {10 * args.n_per_class} paired samples (seed {args.sample_seed}), extra flags '
               f'`{args.train_args or "none"}`.\n\n')
     data.atomic_save(header + table + '\n', res.with_suffix('.md'))
-    data.atomic_save(json.dumps(dict(args={k: v for k, v in vars(args).items() if k != 'evalnet'}, rows=rows),
+    data.atomic_save(json.dumps(dict(args=vars(args), rows=rows),
                                   indent=1, default=str) + '\n', res.with_suffix('.json'))
 
 

@@ -4,8 +4,9 @@
    w = 0 never calls the injector, so one baseline file is the w = 0 of every run (sample.py's tests pin this).
 2. For every variant (default flags and the cheap ablations) and training seed: train an injector
    (train_injector.py), sample the same labels and seeds at each guided w, evaluate every npz against
-   held-out real shapes (evaluate.py: FID / IS / precision / recall with the tiny feature network, class
-   accuracy, ISCS with its per-scale S_k).
+   held-out real shapes (evaluate.py: FID and class accuracy on the judge, a CNN D never saw, which decides; FID /
+   IS / precision / recall / class accuracy on the tiny feature network, D's backbone, beside it; ISCS with its
+   per-scale S_k).
    The default variant runs --seeds at the full --w sweep; the ablations run --ablation_seeds at --ablation_w.
 3. D on RGB vs latent: train_disc_probe.py --space rgb|latent, final per-scale accuracies.
 Independent runs go --jobs at a time (one thread each: 2 cores -> 2 jobs). The evaluation seed
@@ -35,7 +36,7 @@ VARIANTS = {
     'broadcast': ['--broadcast'],
     'ce_only': ['--lambda_adv', '0'],  # the reconstruction term alone: what the adversarial term adds to it
 }
-METRICS = ('FID', 'IS', 'precision', 'recall', 'class_acc', 'ISCS')
+METRICS = ('FID_judge', 'class_acc_judge', 'FID', 'IS', 'precision', 'recall', 'class_acc', 'ISCS')
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='training seeds of the default variant')
@@ -132,7 +133,7 @@ def bootstrap(args, out, base_npz, runs):
         run(['evaluate.py', *map(str, links), '--no_iscs', '--bootstrap', str(args.bootstrap), '--json', str(js)],
             d / 'experiment.log')
         cached = json.loads(js.read_text())
-    return dict(zip(runs, cached['fid_bootstrap']))
+    return {name: dict(featnet=a, judge=b) for name, a, b in zip(runs, cached['fid_bootstrap'], cached['fid_judge_bootstrap'])}
 
 
 def mean_std(vals):
@@ -157,13 +158,14 @@ def main():
         res = {k: f.result() for k, f in futures.items()}
 
     rows = {'baseline (frozen VAR) w=0': {k: (base[k], 0.0) for k in METRICS if base[k] is not None}}
-    rows['baseline (frozen VAR) w=0']['dFID'] = (0.0, 0.0)
+    rows['baseline (frozen VAR) w=0'].update(dFID=(0.0, 0.0), dFID_judge=(0.0, 0.0))
     curves = {'w=0': base['S_k']}
     for v, (seeds, ws) in plan.items():
         for w in ws:
             per = [res[(v, s)][w] for s in seeds]
             row = {k: mean_std([m[k] for m in per]) for k in METRICS}
             row['dFID'] = mean_std([m['FID'] - base['FID'] for m in per])
+            row['dFID_judge'] = mean_std([m['FID_judge'] - base['FID_judge'] for m in per])
             row['n_seeds'] = len(seeds)
             rows[f'{v} w={w:g}'] = {k: x for k, x in row.items() if x is not None}
             if v == 'default':
@@ -178,26 +180,33 @@ def main():
     n = args.n_per_class * 10
     lines = [f'Tiny preset, paired: {n} samples per row from the same labels and seeds (sample seed {args.sample_seed}); '
              f'default variant over training seeds {args.seeds}, ablations over {args.ablation_seeds}: mean ± std over '
-             f'training seeds. dFID = FID(w) - FID(w=0), negative is better.', '',
-             '| run | seeds | FID | dFID | IS | precision | recall | class acc | ISCS |', '|' + ' --- |' * 9]
+             f'training seeds. dFID = FID(w) - FID(w=0), negative is better; judge: the CNN D never saw (it decides), '
+             f'featnet: the tiny feature network, D\'s backbone.', '',
+             '| run | seeds | judge FID | judge dFID | judge class acc | featnet FID | featnet dFID | IS | precision | '
+             'recall | featnet class acc | ISCS |', '|' + ' --- |' * 12]
     for name, r in rows.items():
         def cell(k, f='{:.3f}'):
             if k not in r:
                 return '-'
             return f.format(r[k][0]) + (' ± ' + f.replace('+', '').format(r[k][1]) if r.get('n_seeds', 1) > 1 else '')
-        lines.append(f'| {name} | {r.get("n_seeds", "-")} | {cell("FID", "{:.2f}")} | {cell("dFID", "{:+.2f}")} | '
+        lines.append(f'| {name} | {r.get("n_seeds", "-")} | {cell("FID_judge", "{:.2f}")} | {cell("dFID_judge", "{:+.2f}")} | '
+                     f'{cell("class_acc_judge")} | {cell("FID", "{:.2f}")} | {cell("dFID", "{:+.2f}")} | '
                      f'{cell("IS")} | {cell("precision")} | {cell("recall")} | {cell("class_acc")} | {cell("ISCS")} |')
     if boot:
         lines += ['', f'Each run alone: its FID change with the 95% interval of a paired bootstrap ({args.bootstrap} '
                       f'replicates resampling the same rows of the baseline and the run; the reference held fixed) and the '
                       f'share of replicates in which the run beats the baseline:', '',
-                  '| run | seed | dFID | 95% interval | P(lower) |', '|' + ' --- |' * 5]
+                  '| run | seed | judge dFID | 95% interval | P(lower) | featnet dFID | 95% interval | P(lower) |',
+                  '|' + ' --- |' * 8]
         for v, (seeds, ws) in plan.items():
             for w in ws:
                 for s in seeds:
-                    b = boot[f'{v}_s{s}_w{w:g}']
-                    lines.append(f'| {v} w={w:g} | {s} | {res[(v, s)][w]["FID"] - base["FID"]:+.2f} | '
-                                 f'[{b["ci95"][0]:+.2f}, {b["ci95"][1]:+.2f}] | {b["p_lower"]:.3f} |')
+                    cells = []
+                    for net, key in (('judge', 'FID_judge'), ('featnet', 'FID')):
+                        b = boot[f'{v}_s{s}_w{w:g}'][net]
+                        cells.append(f'{res[(v, s)][w][key] - base[key]:+.2f} | [{b["ci95"][0]:+.2f}, {b["ci95"][1]:+.2f}] | '
+                                     f'{b["p_lower"]:.3f}')
+                    lines.append(f'| {v} w={w:g} | {s} | ' + ' | '.join(cells) + ' |')
     if any(c for c in curves.values()):
         K = len(next(c for c in curves.values() if c))
         lines += ['', 'ISCS per transition (S_k = 1 / FD_k, higher = more consistent), default variant, mean over seeds:', '',

@@ -16,6 +16,11 @@ sys.path.insert(0, str(REPO))
 FIXTURES = REPO / 'tests' / 'fixtures'  # vendored: a clone needs nothing beside it (tests/fixtures/README.md)
 torch.set_num_threads(1)
 
+# train_injector.py / sample.py flags of a quick run (tests only): random weights, a few images, no grids, no validation
+FAST = ['--random_init', '--global_batch_size', '4', '--n_tiny', '64', '--sample_every', '0', '--num_workers', '0',
+        '--val_n', '0']
+SMALL = ['--random_init', '--cpu', '--classes', '3', '7', '--num_per_class', '2', '--batch_size', '2', '--seed', '5']
+
 
 @pytest.fixture(scope='session')
 def fixtures_dir():

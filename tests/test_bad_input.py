@@ -1,6 +1,7 @@
 """Bad input gets one clear line and loses nothing (issue 13): train_injector.py's out_dir and --resume, sample.py's
 --w, --data_path on the tiny preset, evaluate.py's labels and truncated npz files, the hub when offline."""
 import json
+import os
 import time
 import zipfile
 
@@ -13,9 +14,8 @@ import models
 import sample
 import train_disc_probe
 import train_injector as ti
+from conftest import FAST, SMALL
 
-FAST = ['--random_init', '--global_batch_size', '4', '--n_tiny', '64', '--sample_every', '0', '--num_workers', '0']
-SMALL = ['--random_init', '--cpu', '--classes', '3', '7', '--num_per_class', '2', '--batch_size', '2', '--seed', '5']
 
 
 def _one_line(e):
@@ -210,3 +210,105 @@ def test_hub_check_gives_up_after_its_timeout(monkeypatch):
     t0 = time.perf_counter()
     why = models.hub_unreachable()
     assert time.perf_counter() - t0 < 1.5 and 'no answer within 0.2 s' in why
+
+
+# ----------------------------------------------------------------------------- nothing replaced without a word
+
+def test_resume_with_other_settings_says_what_changed(run_dir, tmp_path, capsys):
+    out = tmp_path / 'r'
+    out.mkdir()
+    (out / 'last.pt').write_bytes((run_dir / 'last.pt').read_bytes())
+    ti.main(FAST + ['--max_steps', '3', '--resume', 'auto', '--lr_g', '0.5', '--out_dir', str(out)])
+    line = [l for l in capsys.readouterr().out.splitlines() if 'differ from the checkpoint' in l]
+    assert len(line) == 1 and '--lr_g 0.001 -> 0.5' in line[0] and '--max_steps 2 -> 3' in line[0]
+
+
+def test_disc_probe_into_an_earlier_probe_is_refused_unless_overwrite(tmp_path):
+    argv = ['--random_init', '--steps', '1', '--batch_size', '2', '--n_tiny', '16', '--out_dir', str(tmp_path)]
+    train_disc_probe.main(argv)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        train_disc_probe.main(argv)
+    assert 'already holds a --space rgb probe' in _one_line(e) and '--overwrite' in _one_line(e)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+    train_disc_probe.main(argv + ['--space', 'latent'])  # the other space's files do not collide
+    train_disc_probe.main(argv + ['--overwrite'])
+    for bad in (['--steps', '0'], ['--batch_size', '0']):
+        with pytest.raises(SystemExit, match='must be >= 1'):
+            train_disc_probe.main(argv + bad)
+
+
+def test_evaluate_prints_the_metrics_before_a_write_fails_and_names_a_replaced_reference(tmp_path, capsys):
+    sample.main(SMALL + ['--w', '0', '--out_dir', str(tmp_path)])
+    smp, ref2 = tmp_path / 'samples_w0.npz', tmp_path / 'ref2.npz'
+    with np.load(smp) as f:
+        np.savez(ref2, arr_0=f['arr_0'][::-1])  # other bytes: another reference
+    ev = lambda ref: evaluate.main([str(smp), '--random_init', '--no_iscs', '--ref', str(ref), '--cache_dir', str(tmp_path / 'c')])
+    ev(smp)
+    capsys.readouterr()
+    ev(ref2)
+    assert 'replacing the result against' in capsys.readouterr().out
+    json_path = tmp_path / 'samples_w0.eval.json'
+    json_path.unlink()
+    json_path.mkdir()  # a path that cannot be written
+    with pytest.raises(SystemExit) as e:
+        ev(smp)
+    assert 'could not write' in _one_line(e)
+    assert 'FID ' in capsys.readouterr().out  # the metrics were printed first
+
+
+@pytest.mark.parametrize('bad,what', [(['--global_batch_size', '0'], '--global_batch_size 0'), (['--lr_g', '-1'], '--lr_g -1.0'),
+                                      (['--max_steps', '0'], '--max_steps 0')])
+def test_bad_numbers_are_one_line_before_anything_is_written(tmp_path, bad, what):
+    with pytest.raises(SystemExit) as e:
+        ti.main(FAST + ['--max_steps', '1', '--out_dir', str(tmp_path / 'o'), *bad])
+    assert what in _one_line(e) and not (tmp_path / 'o').exists()
+
+
+def test_out_dir_that_is_a_file_and_bad_disc_ckpt_are_one_line(tmp_path, run_dir):
+    (tmp_path / 'f').write_text('x')
+    with pytest.raises(SystemExit, match='is a file'):
+        ti.main(FAST + ['--max_steps', '1', '--out_dir', str(tmp_path / 'f')])
+    for ckpt, what in ((tmp_path / 'missing.pt', 'no such file'), (tmp_path / 'f', 'not a readable torch file'),
+                       (run_dir / 'injector.pt', 'holds no D heads')):
+        with pytest.raises(SystemExit) as e:
+            ti.main(FAST + ['--max_steps', '1', '--out_dir', str(tmp_path / 'o'), '--disc_ckpt', str(ckpt)])
+        assert what in _one_line(e)
+
+
+def test_sample_folder_lock_corrupt_leftover_and_ctrl_c_are_one_line(tmp_path, monkeypatch):
+    out = tmp_path / 's'
+    out.mkdir()
+    (out / '.lock').write_text(str(os.getppid()))  # a live process holds the folder
+    with pytest.raises(SystemExit) as e:
+        sample.main(SMALL + ['--w', '0', '--out_dir', str(out)])
+    assert 'in use by another sample.py' in _one_line(e)
+    (out / '.lock').write_text('999999999')  # a lock whose process is gone is taken over
+    sample.main(SMALL + ['--w', '0', '--out_dir', str(out)])
+    assert not (out / '.lock').exists()
+    (out / 'samples_w0.npz').write_bytes(b'PK\x03\x04 cut off')
+    with pytest.raises(SystemExit) as e:
+        sample.main(SMALL + ['--w', '0', '--out_dir', str(out)])
+    assert 'not a readable npz' in _one_line(e)
+
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample, 'sample_batch', interrupt)
+    with pytest.raises(SystemExit, match='interrupted: the finished batches are kept'):
+        sample.main(SMALL + ['--w', '0.5', '--out_dir', str(tmp_path / 'i')])
+    assert not (tmp_path / 'i' / '.lock').exists()
+
+
+def test_training_ctrl_c_says_what_was_kept(tmp_path, monkeypatch):
+    step = ti.train_step
+    calls = []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(*a, **kw)
+    monkeypatch.setattr(ti, 'train_step', interrupted)
+    with pytest.raises(SystemExit) as e:
+        ti.main(FAST + ['--max_steps', '5', '--ckpt_every', '1', '--out_dir', str(tmp_path)])
+    assert 'interrupted at step 2' in str(e.value) and 'step 2 is kept' in str(e.value) and '--resume auto' in str(e.value)

@@ -7,8 +7,8 @@ import torch
 
 import data
 import train_injector as ti
+from conftest import FAST
 
-FAST = ['--random_init', '--global_batch_size', '4', '--n_tiny', '64', '--sample_every', '0', '--num_workers', '0']
 
 
 class CropLike(torch.utils.data.Dataset):

@@ -13,9 +13,8 @@ import models
 import sample
 import train_disc_probe
 import train_injector as ti
-from conftest import FIXTURES, REPO
+from conftest import FAST, FIXTURES, REPO
 
-FAST = ['--random_init', '--global_batch_size', '4', '--n_tiny', '64', '--sample_every', '0', '--num_workers', '0']
 SCRIPTS = {'train_injector.py': ti, 'sample.py': sample, 'evaluate.py': evaluate, 'train_disc_probe.py': train_disc_probe}
 
 

@@ -486,7 +486,7 @@ def test_paired_fid_bootstrap_signs_and_pairing():
     better = base - np.array([0.8, 0, 0, 0])
     worse = base + np.array([0.5, 0, 0, 0])
     same = base.copy()
-    out = evaluate.paired_fid_bootstrap([base, better, worse, same], ref_mu, ref_sigma, n_boot=50)
+    out = iscs.paired_fid_bootstrap([base, better, worse, same], ref_mu, ref_sigma, n_boot=50)
     b, w, s = out
     assert b['ci95'][1] < 0 and b['p_lower'] == 1.0
     assert w['ci95'][0] > 0 and w['p_lower'] == 0.0
@@ -494,7 +494,7 @@ def test_paired_fid_bootstrap_signs_and_pairing():
     # pairing is what makes a small, consistent change visible: the same shift on unrelated draws of the
     # base set gives a wider interval
     other = rng.standard_normal((400, 4)) + np.array([1.0, 0, 0, 0]) + np.array([0.05, 0, 0, 0])
-    paired = evaluate.paired_fid_bootstrap([base, base + np.array([0.05, 0, 0, 0])], ref_mu, ref_sigma, 50)[0]
-    unpaired = evaluate.paired_fid_bootstrap([base, other], ref_mu, ref_sigma, 50)[0]
+    paired = iscs.paired_fid_bootstrap([base, base + np.array([0.05, 0, 0, 0])], ref_mu, ref_sigma, 50)[0]
+    unpaired = iscs.paired_fid_bootstrap([base, other], ref_mu, ref_sigma, 50)[0]
     assert paired['ci95'][0] > 0
     assert paired['ci95'][1] - paired['ci95'][0] < (unpaired['ci95'][1] - unpaired['ci95'][0]) / 3

@@ -110,3 +110,25 @@ def test_resume_is_bit_identical(tmp_path):
     for f in ('tiny_vae.pt', 'tiny_var.pt', 'tiny_featnet.pt'):
         assert man_a[f]['metrics'] == man_b[f]['metrics']
         assert man_a[f]['command'].replace(str(tmp_path / 'a'), '') == man_b[f]['command'].replace(str(tmp_path / 'b'), '')
+
+
+def test_judge_stage_ships_only_when_asked_and_never_writes_into_weights(tmp_path):
+    """The shipped folder is never a run folder; --ship copies the run's files and MANIFEST entries into it."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', AIDVAR_TINY_DIR=str(tmp_path / 'shipped'))
+    (tmp_path / 'shipped').mkdir()
+    (tmp_path / 'shipped' / 'MANIFEST.json').write_text('{"tiny_var.pt": {"sha256": "kept"}}\n')
+    cmd = [sys.executable, 'pretrain_tiny.py', '--stage', 'judge', '--n_val', '20', '--judge_n_train', '64',
+           '--judge_steps', '2', '--judge_bs', '8']
+    r = subprocess.run(cmd + ['--out_dir', str(tmp_path / 'shipped')], cwd=REPO, capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and 'folder of the shipped tiny models' in r.stderr and 'Traceback' not in r.stderr
+    assert sorted(p.name for p in (tmp_path / 'shipped').iterdir()) == ['MANIFEST.json']
+    r = subprocess.run(cmd + ['--out_dir', str(tmp_path / 'run')], cwd=REPO, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (tmp_path / 'shipped' / 'tiny_judge.pt').exists()  # not asked to ship
+    r = subprocess.run(cmd + ['--out_dir', str(tmp_path / 'run2'), '--ship'], cwd=REPO, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shipped = json.loads((tmp_path / 'shipped' / 'MANIFEST.json').read_text())
+    assert shipped['tiny_var.pt'] == {'sha256': 'kept'}  # the other entries stay
+    assert shipped['tiny_judge.pt']['sha256'] == json.loads((tmp_path / 'run2' / 'MANIFEST.json').read_text())['tiny_judge.pt']['sha256']
+    assert (tmp_path / 'shipped' / 'tiny_judge.pt').read_bytes() == (tmp_path / 'run2' / 'tiny_judge.pt').read_bytes()
+    models.load_checked(models.build_judge(), models.load_state_dict_file(tmp_path / 'shipped' / 'tiny_judge.pt'), 'j', 'judge')

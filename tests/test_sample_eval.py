@@ -8,9 +8,9 @@ import torch
 import evaluate
 import models
 import sample
+from conftest import SMALL
 
 # 2 classes x 2 samples, batches of 2: 2 batches per w
-SMALL = ['--random_init', '--cpu', '--classes', '3', '7', '--num_per_class', '2', '--batch_size', '2', '--seed', '5']
 LABELS = [3, 3, 7, 7]
 
 

@@ -1,5 +1,6 @@
 """AID-VAR training (train_injector.py) on small random models: gradients, frozen parts, resume, DDP, failures."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,9 +12,8 @@ import data
 import models
 import soft_decode
 import train_injector as ti
-from conftest import REPO
+from conftest import FAST, REPO
 
-FAST = ['--random_init', '--global_batch_size', '4', '--n_tiny', '64', '--sample_every', '0', '--num_workers', '0']
 
 
 @pytest.fixture(scope='module')
@@ -33,7 +33,7 @@ def test_untrained_injector_is_bit_identical(parts, inject):
     vae, var, D, G, idx, labels = parts
     with torch.no_grad():
         plain = var(labels, vae.quantize.idxBl_to_var_input(idx))
-        guided, g = ti.guided_logits(var, G, labels, idx, w=1.0, inject=inject)
+        guided, g, _ = ti.guided_logits(var, G, labels, idx, w=1.0, inject=inject)
     assert torch.equal(g, torch.zeros_like(g))
     assert torch.equal(plain, guided)
 
@@ -46,7 +46,7 @@ def test_adversarial_loss_alone_trains_the_injector(parts, inject, decode):
     G = models.GuidanceInjector(var.C, var.patch_nums)
     G.load_state_dict(G0.state_dict())
     torch.manual_seed(1)
-    logits, _ = ti.guided_logits(var, G, labels, idx, w=0.5, inject=inject)
+    logits, _, _ = ti.guided_logits(var, G, labels, idx, w=0.5, inject=inject)
     fake, real, labs = soft_decode.disc_images(var, logits, idx, idx, labels, torch.randint(1, len(var.patch_nums), (8,)), decode, 1.0)
     D.requires_grad_(False)
     loss_adv = -D(fake, labs).mean()
@@ -109,8 +109,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path, monkey
 
     def poisoned(*a, **kw):  # the second step's guided logits are NaN (teacher context: one call per step)
         calls['n'] += 1
-        logits, g = guided(*a, **kw)
-        return (logits * float('nan') if calls['n'] == 2 else logits), g
+        logits, g, cond = guided(*a, **kw)
+        bad = calls['n'] == 2
+        return (logits * float('nan') if bad else logits), g, (cond * float('nan') if bad else cond)
     monkeypatch.setattr(ti, 'guided_logits', poisoned)
     with pytest.raises(SystemExit) as e:
         ti.main(FAST + ['--max_steps', '5', '--ckpt_every', '1', '--context', 'teacher', '--out_dir', str(tmp_path)])
@@ -189,3 +190,28 @@ def test_small_guidance_survives_bf16_autocast(parts, where):
         hook.remove()
     rel = ((got - want).norm() / want.norm()).item()
     assert rel <= 0.01, rel
+
+
+def test_training_ends_with_a_verdict_in_the_run_folder_and_the_injector(tmp_path, capsys):
+    """--val_at ckpt: a verdict at every checkpoint, the last one in injector.pt's metadata, the best kept; the
+    lower-variance estimator, several draws and CFG fakes run through the same step."""
+    ti.main(FAST + ['--max_steps', '2', '--ckpt_every', '1', '--val_n', '20', '--val_at', 'ckpt', '--decode', 'rao',
+                    '--g_draws', '2', '--fake_cfg', '1.5', '--out_dir', str(tmp_path)])
+    out = capsys.readouterr().out + capsys.readouterr().err
+    val = json.loads((tmp_path / 'validation.json').read_text())
+    assert [v['step'] for v in val['history']] == [1, 2] and val['last']['step'] == 2
+    meta = torch.load(tmp_path / 'injector.pt', weights_only=True)['meta']
+    assert meta['validation'] == val['last'] and meta['g_draws'] == 2 and meta['fake_cfg'] == 1.5
+    assert meta['validation']['verdict'] in ('helps', 'harms', 'no measurable effect')
+    best = torch.load(tmp_path / 'injector_best.pt', weights_only=True)['meta']['validation']
+    assert best['step'] == val['best_step'] and 'best validated weights' in out
+    rows = [json.loads(l) for l in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert all(math.isfinite(r['loss_adv']) and math.isfinite(r['loss_D']) for r in rows)
+
+
+def test_bad_estimator_and_validation_flags_are_one_line(tmp_path):
+    for bad, what in ((['--g_draws', '0'], '--g_draws'), (['--val_n', '5', '--val_net', 'inception'], 'does not fit')):
+        with pytest.raises(SystemExit, match=what):
+            ti.main(FAST + ['--max_steps', '1', '--out_dir', str(tmp_path), *bad])
+    with pytest.raises(SystemExit, match='needs --val_ref'):
+        ti.resolve_args(['--depth', '16', '--val_n', '10'])
