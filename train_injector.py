@@ -374,10 +374,12 @@ def train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, ar
                 g_norm_per_scale=g_norm, img_per_s=per_device * world / (time.perf_counter() - t0))
 
 
-def real_temperatures(args, dataset, var, device, n=64):
+def real_temperatures(args, dataset, var, device, log=print, n=64):
     """Per-scale temperatures of the soft reals, matched to the frozen VAR's softness on n fixed training images."""
     if args.real_decode != 'soft':
         return None
+    n = min(n, len(dataset))  # a small debugging folder calibrates on what it has
+    log(f'[AID-VAR] matching the soft reals\' temperatures to the VAR on {n} training images (one teacher-forced pass)')
     img_B3HW, labels_B = next(data.epoch_batches(dataset, 0, 0, n, 0, 1, args.seed, 0))
     temps = soft_decode.matched_real_temperatures(var, img_B3HW.to(device).float(), labels_B.to(device), args.tau,
                                                   args.real_match)
@@ -544,7 +546,7 @@ def main(argv=None):
 
     with accelerator.main_process_first():  # downloads (checkpoints, DINO) happen once, the other ranks then read the cache
         vae, var, D, injector = build_everything(args, device)
-    args.real_temps = real_temperatures(args, dataset, var, device)
+    args.real_temps = real_temperatures(args, dataset, var, device, accelerator.print)
     opt_g = torch.optim.AdamW(injector.parameters(), lr=args.lr_g, betas=(0.9, 0.999), weight_decay=1e-5)
     opt_d = torch.optim.AdamW(D.head_parameters(), lr=args.lr_d, betas=(0.9, 0.999), weight_decay=1e-5)
     ckpt_path = out_dir / 'last.pt'

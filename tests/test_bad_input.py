@@ -78,7 +78,7 @@ def test_resume_truncates_the_log_to_the_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return step(*a, **kw)
     monkeypatch.setattr(ti, 'train_step', killed_at_4)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="interrupted at step 3"):  # Ctrl-C: one line, not a traceback
         ti.main(FAST + ['--max_steps', '5', '--ckpt_every', '2', '--out_dir', str(tmp_path)])
     monkeypatch.setattr(ti, 'train_step', step)
     rows = [json.loads(l) for l in (tmp_path / 'log.jsonl').read_text().splitlines()]
@@ -312,3 +312,10 @@ def test_training_ctrl_c_says_what_was_kept(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         ti.main(FAST + ['--max_steps', '5', '--ckpt_every', '1', '--out_dir', str(tmp_path)])
     assert 'interrupted at step 2' in str(e.value) and 'step 2 is kept' in str(e.value) and '--resume auto' in str(e.value)
+
+
+def test_soft_reals_calibrate_on_a_small_training_set(tmp_path, capsys):
+    """A debugging folder smaller than the 64 calibration images (was: StopIteration) calibrates on what it has."""
+    ti.main(FAST + ['--n_tiny', '12', '--real_decode', 'soft', '--max_steps', '1', '--out_dir', str(tmp_path)])
+    assert 'temperatures to the VAR on 12 training images' in capsys.readouterr().out
+    assert len(json.loads((tmp_path / 'config.json').read_text())['real_temps']) == 6

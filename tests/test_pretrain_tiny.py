@@ -1,4 +1,4 @@
-"""pretrain_tiny.py end to end on a few steps: all three stages (the feature network in a second process),
+"""pretrain_tiny.py end to end on a few steps: all four stages (the feature network in a second process),
 files the loaders accept, a manifest that describes them."""
 import json
 import os
@@ -12,7 +12,7 @@ from conftest import REPO
 
 FEW = ['--n_train', '48', '--n_val', '20', '--fn_n_train', '64', '--vae_steps', '3', '--vae_bs', '4',
        '--dead_window', '2', '--var_steps', '3', '--var_bs', '8', '--var_eval_every', '2', '--fn_steps', '3',
-       '--fn_bs', '8', '--score_n', '20']
+       '--fn_bs', '8', '--score_n', '20', '--judge_steps', '3', '--judge_bs', '8', '--judge_n_train', '64']
 
 
 def test_pretrain_all_stages_write_loadable_files(tmp_path):
@@ -25,7 +25,7 @@ def test_pretrain_all_stages_write_loadable_files(tmp_path):
     manifest = json.loads((out / 'MANIFEST.json').read_text())
     vae, var = models.build_tiny()
     net = models.build_featnet()
-    for name, model in (('vae', vae), ('var', var), ('featnet', net)):
+    for name, model in (('vae', vae), ('var', var), ('featnet', net), ('judge', models.build_judge())):
         path = out / models.TINY_FILES[name]
         sd = models.load_state_dict_file(path)
         assert all(v.dtype in (torch.float16, torch.int64, torch.bool) for v in sd.values())  # shipped as fp16

@@ -7,6 +7,7 @@ retraining with `python pretrain_tiny.py` should pass them too.
 """
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,3 +106,20 @@ def test_var_teacher_forced_token_accuracy(tiny, fresh):
     acc_first, acc_last = hit_BL[:, b0:e0].float().mean().item(), hit_BL[:, bl:el].float().mean().item()
     assert acc_first > MIN_TOKEN_ACC_FIRST, f'scale-0 token accuracy {acc_first:.3f}'
     assert acc_last > MIN_TOKEN_ACC_LAST, f'last-scale token accuracy {acc_last:.3f}'
+
+
+def test_readme_quick_start_uses_the_shipped_injector_and_repeats_its_verdict(tmp_path):
+    """`python sample.py --w 0 0.1` (the README's quick start, fewer samples): the shipped injector is loaded, its
+    training-time verdict is printed in one line, and the guided samples differ from the baseline's."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    r = subprocess.run([sys.executable, 'sample.py', '--w', '0', '0.1', '--num_per_class', '2', '--out_dir', str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    val = torch.load(models.TINY_DIR / models.TINY_FILES['injector'], weights_only=True)['meta']['validation']
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if 'validation' in l]
+    assert len(lines) == 1 and f'{val["FID_w0"]:.2f} -> {val["rows"][0]["FID"]:.2f}' in lines[0]
+    assert ('did NOT help' in lines[0]) == (val['verdict'] != 'helps')
+    base, guided = (data.load_samples(tmp_path / f'samples_w{w}.npz')['images'] for w in ('0', '0.1'))
+    assert base.shape == guided.shape == (20, 32, 32, 3) and not np.array_equal(base, guided)
