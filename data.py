@@ -185,6 +185,12 @@ def to_signed(img_NHW3_u8: torch.Tensor) -> torch.Tensor:
     return img_NHW3_u8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def to_uint8(img_B3HW_01: torch.Tensor) -> np.ndarray:
+    """Sampler images (B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), by truncation in float32, as the VAR and ADM
+    samplers write their npz files."""
+    return img_B3HW_01.float().mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """The shapes set as a Dataset; generated once in __init__, no augmentation.
 

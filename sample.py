@@ -185,8 +185,7 @@ def sample_batch(var, hook, args, labels_B, g_seed, w, autocast):
     if not torch.isfinite(img_B3HW).all():
         raise SystemExit(f'non-finite pixels in the batch with seed {g_seed} at w={w}: the guidance (or the '
                          f'mixed precision {args.mixed_precision}) overflowed; nothing was written for this batch.')
-    # [0, 1] -> uint8 by truncation, as the VAR and ADM samplers write their npz files
-    img_BHW3 = img_B3HW.mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    img_BHW3 = data.to_uint8(img_B3HW)
     tokens_BL = torch.cat(idx_Bl, dim=1).to(torch.int16).cpu().numpy()
     return img_BHW3, tokens_BL
 

@@ -192,17 +192,15 @@ def matched_real_temperatures(var, img_B3HW, labels_B, decode_tau=1.0, match='en
             for d, (bg, ed) in zip(dists, var.begin_ends)]
 
 
-def guidance_gradient(var, D, labels_B, idx_Bl, w, scales, decode, tau=1.0, draws=1, rao_k=16):
-    """What the adversarial term tells the injector: d(-mean D(fake)) / d(g) at g = 0 for guidance w * g added to the
-    token features (--inject input) of a teacher-forced pass on idx_Bl, fakes as disc_fakes makes them (D: any
-    callable (images, labels) -> logits). Returns (B, L, C) float32, zero on scale 0."""
+def guidance_gradient(var, labels_B, idx_Bl, w, loss_of_logits):
+    """What a loss tells the injector: d loss / d(g) at g = 0 for guidance w * g added to the token features of scales
+    >= 1 (--inject input) of a teacher-forced pass on idx_Bl; loss_of_logits maps its logits (B, L, V) to a scalar,
+    e.g. -D(disc_fakes(...)).mean() (the adversarial term) or the token CE. Returns (B, L, C), zero on scale 0."""
     B, dev = labels_B.shape[0], labels_B.device
     zero_B1C = torch.zeros(B, var.first_l, var.C, device=dev)
     g_BlC = torch.zeros(B, var.L - var.first_l, var.C, device=dev, requires_grad=True)
     with torch.no_grad():
         x_BLCv = var.vae.quantize.idxBl_to_var_input(idx_Bl)
     h_BLC, cond_BD = var.forward_hidden(labels_B, x_BLCv, input_add_BLC=w * torch.cat([zero_B1C, g_BlC], 1))
-    fake, labs = disc_fakes(var, var.get_logits(h_BLC, cond_BD), idx_Bl, labels_B, scales, decode, tau, draws, rao_k)
-    grad, = torch.autograd.grad(-D(fake, labs).mean(), g_BlC)
+    grad, = torch.autograd.grad(loss_of_logits(var.get_logits(h_BLC, cond_BD)), g_BlC)
     return torch.cat([zero_B1C, grad], 1)
-

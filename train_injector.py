@@ -246,7 +246,7 @@ def validate(var, injector, args, setup, step, device, autocast, n_boot=200):
                 x = var.autoregressive_infer_cfg(len(labels_B), labels_B, g_seed=data.derived_seed(args.val_seed, b),
                                                  cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, inject=args.inject,
                                                  guidance_hook=hook if w else None, guidance_w=w)
-            imgs.append(x.float().mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())  # as sample.py writes
+            imgs.append(data.to_uint8(x))  # as sample.py writes
         feats.append(feats_fn(np.concatenate(imgs)))
     injector.train(was_training)
     fids = [iscs.frechet_distance(*iscs.feature_stats(f), mu, sigma) for f in feats]
@@ -256,6 +256,11 @@ def validate(var, injector, args, setup, step, device, autocast, n_boot=200):
     verdict = 'helps' if helps else 'harms' if all(r['ci95'][0] > 0 for r in rows) else 'no measurable effect'
     return dict(step=step, verdict=verdict, validated_w=min(helps, key=lambda r: r['FID'])['w'] if helps else 0.0,
                 FID_w0=fids[0], rows=rows, n=args.val_n, seed=args.val_seed, net=args.val_net, desc=desc)
+
+
+def best_validation(history):
+    """The validation of lowest guided FID (any w) among a run's validations."""
+    return min(history, key=lambda v: min(r['FID'] for r in v['rows']))
 
 
 def verdict_line(val):
@@ -629,7 +634,7 @@ def main(argv=None):
                     if val_setup and (step == total_steps or args.val_at == 'ckpt'):
                         val = validate(var, injector, args, val_setup, step, device, accelerator.autocast)
                         history.append(val)
-                        best = min(history, key=lambda v: min(r['FID'] for r in v['rows']))
+                        best = best_validation(history)
                         if args.val_at == 'ckpt' and best is val:
                             models.save_injector(out_dir / 'injector_best.pt', injector, injector_meta(val))
                         data.atomic_save(json.dumps(dict(last=val, best_step=best['step'], history=history), indent=1) + '\n',
@@ -652,7 +657,7 @@ def main(argv=None):
         log_f.close()
     accelerator.print(f'[AID-VAR] done: {step} steps; injector at {out_dir / "injector.pt"}, full state at {ckpt_path}')
     if args.val_at == 'ckpt' and history:
-        best = min(history, key=lambda v: min(r['FID'] for r in v['rows']))
+        best = best_validation(history)
         accelerator.print(f'[AID-VAR] best validated weights (step {best["step"]}, {best["verdict"]}): {out_dir / "injector_best.pt"}')
     accelerator.end_training()
     return dict(vae=vae, var=var, D=D, injector=injector)

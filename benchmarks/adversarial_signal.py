@@ -59,16 +59,6 @@ def trained_disc(args, out):
     return D.eval().requires_grad_(False)
 
 
-def ce_gradient(var, labels_B, idx_Bl, w):
-    """d CE / d(g) at g = 0 (the CE term's signal, the reference row)."""
-    zero_B1C = torch.zeros(labels_B.shape[0], var.first_l, var.C)
-    g_BlC = torch.zeros(labels_B.shape[0], var.L - var.first_l, var.C, requires_grad=True)
-    h_BLC, cond_BD = var.forward_hidden(labels_B, var.vae.quantize.idxBl_to_var_input(idx_Bl),
-                                        input_add_BLC=w * torch.cat([zero_B1C, g_BlC], 1))
-    ce = F.cross_entropy(var.get_logits(h_BLC, cond_BD).reshape(-1, var.V), torch.cat(idx_Bl, 1).reshape(-1))
-    return torch.cat([zero_B1C, torch.autograd.grad(ce, g_BlC)[0]], 1)
-
-
 def cos(a, b):
     return F.cosine_similarity(a, b, dim=0).item()
 
@@ -81,10 +71,12 @@ def estimator_table(args, var, D, delta, batches):
         scales = torch.randint(1, SN, (len(labels),), generator=torch.Generator().manual_seed(b))  # per batch
         torch.manual_seed(1000 * b + draw)  # the estimator's own noise
         if name == 'CE (reference)':
-            grad = ce_gradient(var, labels, idx, w)
+            loss = lambda logits: F.cross_entropy(logits.reshape(-1, var.V), torch.cat(idx, 1).reshape(-1))
         else:
             decode, draws = ESTIMATORS[name]
-            grad = soft_decode.guidance_gradient(var, D, labels, idx, w, scales, decode, draws=draws, rao_k=args.rao_k)
+            loss = lambda logits: -D(*soft_decode.disc_fakes(var, logits, idx, labels, scales, decode, 1.0, draws,
+                                                             args.rao_k)).mean()
+        grad = soft_decode.guidance_gradient(var, labels, idx, w, loss)
         return -grad[:, var.first_l:].mean((0, 1))
 
     for name in ['CE (reference)', *args.estimators]:

@@ -68,7 +68,9 @@ def test_lower_variance_estimators_on_a_fixed_batch(tiny):
         vs = []
         for r in range(8):
             torch.manual_seed(100 + r)
-            g = soft_decode.guidance_gradient(var, D, labels, idx, 0.1, scales, decode, draws=draws, rao_k=16)
+            adversarial = lambda logits: -D(*soft_decode.disc_fakes(var, logits, idx, labels, scales, decode, 1.0,
+                                                                    draws)).mean()
+            g = soft_decode.guidance_gradient(var, labels, idx, 0.1, adversarial)
             assert torch.equal(g[:, :var.first_l], torch.zeros_like(g[:, :var.first_l]))  # scale 0 is never guided
             vs.append(g[:, var.first_l:].mean((0, 1)))
         v = torch.stack(vs)
@@ -126,8 +128,9 @@ def test_validation_reads_the_same_fid_as_evaluate_on_the_judge(tiny, tmp_path):
     args.val_w = []
     feats_fn, (mu, sigma), _ = train_injector.validation_setup(args, 'cpu')
     labels = torch.arange(60) % 10
-    imgs = np.concatenate([var.autoregressive_infer_cfg(len(lab), lab, g_seed=data.derived_seed(args.val_seed, b), cfg=1.5)
-                           .mul(255).to(torch.uint8).permute(0, 2, 3, 1).numpy() for b, lab in enumerate(labels.split(100))])
+    imgs = np.concatenate([data.to_uint8(var.autoregressive_infer_cfg(len(lab), lab, cfg=1.5,
+                                                                      g_seed=data.derived_seed(args.val_seed, b)))
+                           for b, lab in enumerate(labels.split(100))])
     data.save_npz(tmp_path / 's.npz', dict(arr_0=imgs, labels=labels.numpy()))
     import evaluate
     res = evaluate.main([str(tmp_path / 's.npz'), '--no_iscs', '--cache_dir', str(tmp_path / 'c')])[0]['metrics']
