@@ -359,6 +359,9 @@ def npz_array(path, name: str) -> np.ndarray:
         info = zf.getinfo(f'{name}.npy')
         stored = info.compress_type == zipfile.ZIP_STORED
     if not stored:
+        if info.file_size > 1 << 30:  # a compressed member cannot be memory-mapped
+            print(f'[data] {path}: {name} is compressed; inflating {info.file_size / 2**30:.1f} GiB into memory (an '
+                  f'uncompressed npz, as np.savez and sample.py write it, is read batch by batch)', flush=True)
         return _np_load_member(path, name)
     with open(path, 'rb') as fh:
         fh.seek(info.header_offset)
@@ -415,25 +418,42 @@ def npz_keys(path) -> list:
         refuse(path, f'not a readable .npz file ({e})')
 
 
-def check_images(path, arr, what='arr_0') -> None:
-    """uint8 NHWC RGB, square, or a one-line SystemExit saying what is wrong."""
-    if arr.dtype != np.uint8:
+def npz_header(path, name: str) -> tuple:
+    """(shape, dtype) of one npz member from its .npy header alone: a compressed member is not inflated."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(f'{name}.npy') as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:  # rare (.npy 3.0): read the member itself
+                arr = _np_load_member(path, name)
+                return arr.shape, arr.dtype
+            shape, _, dtype = read_header[version](f)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        refuse(path, f'{name}.npy has an unreadable header ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})')
+    return tuple(shape), dtype
+
+
+def check_images(path, shape, dtype, what='arr_0') -> None:
+    """uint8 NHWC RGB, square (from the header; only a small float array is read, to count its NaNs), or a one-line
+    SystemExit saying what is wrong."""
+    if dtype != np.uint8:
         nan = ''
-        if np.issubdtype(arr.dtype, np.floating):
-            n_nan = int(np.isnan(np.asarray(arr)).sum())
+        if np.issubdtype(dtype, np.floating) and np.prod(shape) * dtype.itemsize < 1 << 30:  # small: say if NaN
+            n_nan = int(np.isnan(np.asarray(npz_array(path, what))).sum())
             nan = f' and contains {n_nan} NaN values' if n_nan else ''
-        refuse(path, f'{what} has dtype {arr.dtype}{nan}; expected uint8 images 0..255 '
+        refuse(path, f'{what} has dtype {dtype}{nan}; expected uint8 images 0..255 '
                     f'(convert [0, 1] floats with (x * 255).astype(np.uint8), as sample.py does)')
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        hint = ' (looks like NCHW: transpose to NHWC)' if arr.ndim == 4 and arr.shape[1] == 3 else ''
-        refuse(path, f'{what} has shape {tuple(arr.shape)}; expected (N, H, W, 3) RGB images{hint}')
-    if arr.shape[1] != arr.shape[2]:
-        refuse(path, f'{what} images are {arr.shape[1]}x{arr.shape[2]}; expected square images')
+    if len(shape) != 4 or shape[-1] != 3:
+        hint = ' (looks like NCHW: transpose to NHWC)' if len(shape) == 4 and shape[1] == 3 else ''
+        refuse(path, f'{what} has shape {tuple(shape)}; expected (N, H, W, 3) RGB images{hint}')
+    if shape[1] != shape[2]:
+        refuse(path, f'{what} images are {shape[1]}x{shape[2]}; expected square images')
 
 
-def load_samples(path) -> dict:
-    """A sample npz -> dict(images (N,H,W,3) uint8 (memmap), labels (N,) int64 or None, tokens (N,L) or None,
-    preset str or None, meta dict or None). Bad files end in a one-line SystemExit."""
+def load_samples(path, images=True) -> dict:
+    """A sample npz -> dict(images (N,H,W,3) uint8 (memmap; None with images=False: headers and the small members
+    only, nothing inflated), shape of arr_0, labels (N,) int64 or None, tokens (N,L) or None, preset str or None,
+    meta dict or None). Bad files end in a one-line SystemExit."""
     keys = npz_keys(path)
     if 'arr_0' not in keys:
         refuse(path, f"no 'arr_0' array (keys: {', '.join(keys) or 'none'}); a sample file holds uint8 images "
@@ -441,12 +461,13 @@ def load_samples(path) -> dict:
     if 'mu' in keys:
         refuse(path, "has a 'mu' key: the ADM evaluator would take this sample file for precomputed reference "
                     "statistics; is it a reference batch? Pass it to --ref instead")
-    images = npz_array(path, 'arr_0')
-    check_images(path, images)
-    n = len(images)
+    shape, dtype = npz_header(path, 'arr_0')
+    check_images(path, shape, dtype)
+    n = shape[0]
     if n < 2:
         refuse(path, f'{n} sample(s): FID, IS and precision / recall need at least 2 (ideally 50,000)')
-    out = dict(images=images, labels=None, tokens=None, preset=None, meta=None)
+    images = npz_array(path, 'arr_0') if images else None
+    out = dict(images=images, shape=shape, labels=None, tokens=None, preset=None, meta=None)
     lab_key = 'labels' if 'labels' in keys else 'arr_1' if 'arr_1' in keys else None  # arr_1: guided-diffusion
     if lab_key:
         labels = np.asarray(npz_array(path, lab_key))
@@ -586,8 +607,8 @@ def load_reference(spec: str, resolution: int, ref_n: int) -> dict:
     keys = npz_keys(path)
     images = stats = None
     if 'arr_0' in keys:
+        check_images(path, *npz_header(path, 'arr_0'))
         images = npz_array(path, 'arr_0')
-        check_images(path, images)
         if images.shape[1] != resolution:
             refuse(path, f'reference images are {images.shape[1]}x{images.shape[2]} but the samples are '
                         f'{resolution}x{resolution}')

@@ -49,6 +49,7 @@ p.add_argument('--bootstrap', type=int, default=0,
                help='paired bootstrap replicates of the FID differences to the first file (0: off); the files must be '
                     'paired: the same labels, sample.py --seed and --batch_size, so row j of every file is the same draw')
 p.add_argument('--cpu', action='store_true', help='run on CPU even if a GPU is present')
+models.show_defaults(p)  # every --help line ends with its default
 
 CACHE_VERSION = 2  # bump when a cached quantity changes definition (2: the ADM / TF1 resize for FID)
 ADM_REF_URL = ('https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/'
@@ -58,7 +59,8 @@ ADM_REF_URL = ('https://openaipublic.blob.core.windows.net/diffusion/jul-2021/re
 def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device('cuda' if torch.cuda.is_available() and not args.cpu else 'cpu')
-    samples = [(path, data.load_samples(path)) for path in args.samples]  # every file is checked before any work
+    # flags, headers and the small members of every file first: nothing is inflated before a check could refuse it
+    samples = [(path, data.load_samples(path, images=False)) for path in args.samples]
     preset = check_samples(samples, args)
     if args.ref is None and preset['name'] != 'tiny':
         raise SystemExit(f'--ref is required for real-model samples: the ADM reference batch '
@@ -68,6 +70,8 @@ def main(argv=None):
                          f"{preset['resolution']}: pass the ADM reference batch, a real-image npz or a folder")
     args.ref = 'shapes' if args.ref is None else args.ref
     args.iscs_n = preset['iscs_n'] if args.iscs_n is None else args.iscs_n
+    for path, smp in samples:
+        smp['images'] = data.npz_array(path, 'arr_0')
     ev = Evaluator(preset, args, device)
     ref = data.load_reference(args.ref, preset['resolution'], args.ref_n)
     print(f'[evaluate] {preset["name"]} preset{" (random networks)" if args.random_init else ""}, reference: '
@@ -106,7 +110,7 @@ def check_samples(samples, args) -> dict:
     def preset_name(smp):  # the npz `preset` key, else --depth, else the resolution
         if smp['preset'] is not None:
             return 'tiny' if smp['preset'] == 'tiny' else 'real'
-        tiny_size = smp['images'].shape[1] == models.PRESETS['tiny']['resolution']
+        tiny_size = smp['shape'][1] == models.PRESETS['tiny']['resolution']
         return 'tiny' if args.depth is None and tiny_size else 'real'
     names = {preset_name(smp) for _, smp in samples}
     if len(names) > 1:
@@ -118,8 +122,8 @@ def check_samples(samples, args) -> dict:
         check_paired(samples)
     name, S, n_classes = preset['name'], preset['resolution'], preset['num_classes']
     for path, smp in samples:
-        if smp['images'].shape[1] != S:
-            data.refuse(path, f'{smp["images"].shape[1]}x{smp["images"].shape[1]} images; the {name} preset evaluates '
+        if smp['shape'][1] != S:
+            data.refuse(path, f'{smp["shape"][1]}x{smp["shape"][1]} images; the {name} preset evaluates '
                              f'{S}x{S} samples' + (' (set --depth for real-model samples without a preset key)'
                                                    if name == 'tiny' else ''))
     for path, smp in samples:
@@ -135,8 +139,8 @@ def check_paired(samples) -> None:
     (p0, s0), rest = samples[0], samples[1:]
     for path, smp in rest:
         why = None
-        if len(smp['images']) != len(s0['images']):
-            why = f'{len(smp["images"])} samples vs {len(s0["images"])}'
+        if smp['shape'][0] != s0['shape'][0]:
+            why = f'{smp["shape"][0]} samples vs {s0["shape"][0]}'
         elif (smp['labels'] is None) != (s0['labels'] is None) or \
                 (smp['labels'] is not None and not np.array_equal(smp['labels'], s0['labels'])):
             why = 'different labels'
@@ -350,12 +354,8 @@ class Evaluator:
 
 
 def fingerprint(module: torch.nn.Module) -> str:
-    """sha256 (16 hex) of a network's weights: part of every cache key, so new weights never reuse old features."""
-    h = hashlib.sha256()
-    for k, v in module.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    """16 hex of models.weights_sha256: part of every cache key, so new weights never reuse old features."""
+    return models.weights_sha256(module)[:16]
 
 
 def fixed_subset(n: int, m, seed=0) -> np.ndarray:

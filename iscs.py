@@ -93,17 +93,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 # ISCS
 # --------------------------------------------------------------------------------------
 
-def paired_fid_bootstrap(feats_list, ref_mu, ref_sigma, n_boot: int, seed: int = 0) -> list:
+def paired_fid_bootstrap(feats_list, ref_mu, ref_sigma, n_boot: int, seed: int = 0, paired: bool = True) -> list:
     """Paired bootstrap of FID(set i) - FID(set 0), i >= 1, over [(N, D)] features of row-paired sample sets: every
     replicate resamples the same rows in every set (resampling inflates each FID, but alike, so the difference keeps
-    its meaning); the reference ref_mu (D,), ref_sigma (D, D) is held fixed. Per set i >= 1: dict(ci95=[2.5th,
-    97.5th percentile], p_lower=share of replicates where set i has the lower FID, n_boot)."""
+    its meaning); the reference ref_mu (D,), ref_sigma (D, D) is held fixed. paired=False resamples every set on its
+    own (sets of independent draws, any sizes). Per set i >= 1: dict(ci95=[2.5th, 97.5th percentile], p_lower=share
+    of replicates where set i has the lower FID, n_boot)."""
     rng = np.random.default_rng(seed)
-    n = len(feats_list[0])
     d_BI = np.empty((n_boot, len(feats_list) - 1))
+    n = len(feats_list[0])
     for b in range(n_boot):
-        idx = rng.integers(0, n, n)
-        fids = [frechet_distance(*feature_stats(f[idx]), ref_mu, ref_sigma) for f in feats_list]
+        rows = [rng.integers(0, n, n)] * len(feats_list) if paired else [rng.integers(0, len(f), len(f)) for f in feats_list]
+        fids = [frechet_distance(*feature_stats(f[r]), ref_mu, ref_sigma) for f, r in zip(feats_list, rows)]
         d_BI[b] = np.asarray(fids[1:]) - fids[0]
     return [dict(ci95=[float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))], p_lower=float(np.mean(d < 0)),
                  n_boot=n_boot) for d in d_BI.T]

@@ -1,6 +1,9 @@
 """AID-VAR's networks and their loading: the official VAR / VQ-VAE (official_var.py, re-exported here), the
 guidance injector, the projected discriminator with DiffAugment, DINO and the tiny feature network, checkpoint
 finding and checked loading, the presets table, and the planted errors of the positive control."""
+import argparse
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -253,6 +256,11 @@ class DiscHead(nn.Module):
         return (out * cmap_BD.to(out.dtype).unsqueeze(-1)).sum(dim=1) / math.sqrt(self.cmap_dim)
 
 
+def hinge_d_loss(out_real, out_fake) -> torch.Tensor:
+    """D's hinge loss (StyleGAN-T): mean(relu(1 - D(real))) + mean(relu(1 + D(fake))), on D's outputs of any shape."""
+    return F.relu(1 - out_real).mean() + F.relu(1 + out_fake).mean()
+
+
 class ProjectedDiscriminator(nn.Module):
     """StyleGAN-T projected discriminator: frozen timm ViT + trainable per-tap heads.
 
@@ -452,7 +460,9 @@ class GuidanceInjector(nn.Module):
     def forward(self, feat_BlC, si):
         """feat_BlC: (B, pn_{si-1}^2, C) VAR token features of scale si-1; si >= 1.
 
-        Returns: guidance (B, pn_si^2, C) in feat's dtype (unbounded; scaled by w at use).
+        Returns: guidance (B, pn_si^2, C) (unbounded; scaled by w at use), in the autocast dtype under autocast
+        (bf16 autocast: bf16 for fp32 and bf16 feat alike, proj_out being an autocast linear), else in the parameters'
+        dtype (feat must have it).
         """
         if not 1 <= si < len(self.patch_nums):
             raise ValueError(f'scale index {si} not in [1, {len(self.patch_nums) - 1}] (scale 0 is never guided)')
@@ -493,7 +503,7 @@ TINY_PRESET = os.environ.get('AIDVAR_TINY_PRESET', 'v1')
 TINY = TINY_PRESETS[TINY_PRESET]
 TINY_DIR = Path(os.environ.get('AIDVAR_TINY_DIR', REPO_DIR / 'weights'))
 TINY_FILES = dict(vae='tiny_vae.pt', var='tiny_var.pt', featnet='tiny_featnet.pt', judge='tiny_judge.pt',
-                  injector='tiny_injector.pt')
+                  injector='tiny_injector.safetensors')
 REAL_DEPTHS = (16, 20, 24, 30)
 
 # Everything that differs between the tiny preset and the official models, read once per script (preset_of): image
@@ -530,13 +540,18 @@ def apply_preset(args) -> dict:
     return preset
 
 
-def show_preset_defaults(parser):
-    """Appends both presets' values to the --help of every flag that apply_preset fills (default None)."""
+def show_defaults(parser):
+    """Ends every flag's --help with its default: both presets' values for the flags apply_preset fills (default
+    None), the value for the others (switches, and helps that already say their default, are left as they are)."""
     for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.nargs == 0:
+            continue
         if action.default is None and action.dest in PRESETS['tiny']:
             real, tiny = (PRESETS[k][action.dest] for k in ('real', 'tiny'))
-            action.help += f' (default: real models {"not set" if real is None else real}, ' \
-                           f'tiny preset {"not set" if tiny is None else tiny})'
+            action.help = (action.help or '') + f' (default: real models {"not set" if real is None else real}, ' \
+                                                f'tiny preset {"not set" if tiny is None else tiny})'
+        elif action.default is not None and 'default' not in (action.help or ''):
+            action.help = ((action.help or '') + f' (default: {action.default})'.replace('%', '%%')).lstrip()
 
 
 def hub_offline() -> bool:
@@ -856,32 +871,78 @@ def guidance_shares(var: VAR, injector, ctx_idx_Bl: List[torch.Tensor]) -> dict:
                 input=(g_BlC.var(0, unbiased=False).sum(-1).mean() / total).item())
 
 
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 (hex) of a network's weights as held in memory (names, dtypes' bytes): the same on every machine for the
+    same loaded checkpoint (and plant_error's shift), unlike a file hash it also covers random or edited weights."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+INJECTOR_FORMAT = 'aid-var injector 1'
+
+
 def save_injector(path, injector, meta: dict):
-    """The released injector: {'meta': {depth, patch_nums, embed_dim, inject, w_train, broadcast, ...}, 'state_dict'}."""
-    sd = {k: v.detach().float().cpu() for k, v in injector.state_dict().items()}
-    data.atomic_save({'meta': dict(meta, embed_dim=injector.embed_dim, patch_nums=list(injector.patch_nums),
-                              broadcast=injector.broadcast), 'state_dict': sd}, path)
+    """The released injector as safetensors: float32 tensors and string metadata: `aid_var_meta` (JSON: depth,
+    patch_nums, embed_dim, inject, w_train, broadcast, validation, var_sha256, ...) and, for tools that list
+    metadata, format / preset / depth / w_train / verdict / var_sha256 (models.weights_sha256 of the VAR trained on)."""
+    from safetensors.torch import save_file
+    meta = dict(meta, embed_dim=injector.embed_dim, patch_nums=list(injector.patch_nums), broadcast=injector.broadcast)
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in injector.state_dict().items()}
+    val = meta.get('validation') or {}
+    flat = dict(format=INJECTOR_FORMAT, preset='tiny' if meta.get('depth') is None else f'VAR-d{meta["depth"]}',
+                depth=str(meta.get('depth')), w_train=str(meta.get('w_train')), verdict=val.get('verdict', 'not validated'),
+                var_sha256=str(meta.get('var_sha256')), aid_var_meta=json.dumps(meta))
+    with data.atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=flat)
 
 
-def load_injector(path, var: VAR, device='cpu'):
-    """Loads an injector file written by train_injector.py and checks it fits `var`. Returns (injector, meta)."""
-    path = Path(path)
+def _read_injector_file(path):
+    """(state_dict, meta) of an injector file: safetensors (save_injector) or the older .pt ({'meta', 'state_dict'})."""
     if not path.is_file():
         raise SystemExit(f'Injector file {path} does not exist (train one with `python train_injector.py`).')
+    with open(path, 'rb') as f:
+        torch_file = f.read(2) in (b'PK', b'\x80\x02')  # torch.save's zip or legacy pickle; else safetensors
+    if not torch_file:
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework='pt') as f:
+                md, sd = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # truncated or not safetensors: say so instead of a Rust error
+            raise SystemExit(f'{path} is not a readable safetensors file ({type(e).__name__}); it is probably truncated.') from e
+        if md.get('format') != INJECTOR_FORMAT or 'aid_var_meta' not in md:
+            raise SystemExit(f'{path} is not an AID-VAR injector file (safetensors without its metadata: '
+                             f'{describe_state_dict(sd)}); use the injector.safetensors written by train_injector.py.')
+        return sd, json.loads(md['aid_var_meta'])
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated or not a torch file: say so instead of a pickle traceback
         raise SystemExit(f'{path} is not a readable injector file ({type(e).__name__}); it is probably truncated.') from e
     if not (isinstance(obj, dict) and 'meta' in obj and 'state_dict' in obj):
         what = describe_state_dict(obj) if isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values()) else type(obj).__name__
-        raise SystemExit(f'{path} is not an AID-VAR injector file (it is {what}); use the injector.pt written by train_injector.py.')
-    meta = obj['meta']
+        raise SystemExit(f'{path} is not an AID-VAR injector file (it is {what}); use the injector.safetensors written '
+                         f'by train_injector.py.')
+    return obj['state_dict'], obj['meta']
+
+
+def read_injector_meta(path) -> dict:
+    """The metadata of an injector file alone (no VAR needed)."""
+    return _read_injector_file(Path(path))[1]
+
+
+def load_injector(path, var: VAR, device='cpu'):
+    """Loads an injector file written by train_injector.py (.safetensors, or an older .pt) and checks it fits `var`.
+    Returns (injector, meta)."""
+    path = Path(path)
+    sd, meta = _read_injector_file(path)
     if meta['embed_dim'] != var.C or tuple(meta['patch_nums']) != tuple(var.patch_nums):
         raise SystemExit(f'{path} is an injector for a VAR of width {meta["embed_dim"]} (depth {meta.get("depth")}), '
                          f'patch_nums {tuple(meta["patch_nums"])}, but the VAR in use has width {var.C}, patch_nums '
                          f'{tuple(var.patch_nums)}.')
     inj = GuidanceInjector(meta['embed_dim'], meta['patch_nums'], broadcast=meta.get('broadcast', False))
-    load_checked(inj, obj['state_dict'], path, 'a guidance injector')
+    load_checked(inj, sd, path, 'a guidance injector')
     return frozen(inj, device), meta
 
 

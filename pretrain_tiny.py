@@ -1,4 +1,4 @@
-"""Pretrain the tiny preset from scratch on the shapes data: VQ-VAE, then VAR, then the feature network.
+"""Pretrain the tiny preset from scratch on the shapes data: VQ-VAE, then VAR and feature network, then the judge.
 
 Writes into --out_dir (a run folder; the shipped weights/ only through --ship): tiny_vae.pt (multi-scale VQ-VAE), tiny_var.pt (class-conditional VAR, EMA
 weights), tiny_featnet.pt (a small ViT classifier, the tiny preset's DINO / Inception stand-in), pretrain_*.png for
@@ -30,7 +30,8 @@ import iscs
 import models
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-parser.add_argument('--stage', default='all', choices=['all', 'vae', 'var', 'featnet', 'judge'])
+parser.add_argument('--stage', default='all', choices=['all', 'vae', 'var', 'featnet', 'judge'],
+                    help='what to train: all = VQ-VAE, then the VAR on its tokens beside the feature network, then the judge')
 parser.add_argument('--preset', default=models.TINY_PRESET, choices=sorted(models.TINY_PRESETS),
                     help='architecture (models.TINY_PRESETS); default: the one weights/ holds')
 parser.add_argument('--out_dir', default='runs/pretrain_tiny', help='run folder (never the shipped weights/: see --ship)')
@@ -43,49 +44,50 @@ parser.add_argument('--stop_after', type=int, default=0,
                     help='end the session (with a checkpoint) after this many steps, all stages together; see --resume')
 parser.add_argument('--n_train', type=int, default=60000, help='training images (make_shapes(n_train, train_seed))')
 parser.add_argument('--n_val', type=int, default=2000, help='held-out images (make_shapes(n_val, val_seed))')
-parser.add_argument('--train_seed', type=int, default=0)
-parser.add_argument('--val_seed', type=int, default=1)
+parser.add_argument('--train_seed', type=int, default=0, help='make_shapes seed of the training images')
+parser.add_argument('--val_seed', type=int, default=1, help='make_shapes seed of the held-out images')
 parser.add_argument('--seed', type=int, default=0, help='torch seed (init, batches, code re-seeding)')
 # 1 thread by default: on 2 shared cores, 2 OpenMP threads spin against the other jobs and ran 8x slower (measured)
-parser.add_argument('--threads', type=int, default=1)
+parser.add_argument('--threads', type=int, default=1, help='torch threads of each process')
 # VQ-VAE
-parser.add_argument('--vae_steps', type=int, default=3500)
-parser.add_argument('--vae_bs', type=int, default=16)
-parser.add_argument('--vae_lr', type=float, default=2e-3)
-parser.add_argument('--vae_loss', default='l1', choices=['l1', 'mse'])
+parser.add_argument('--vae_steps', type=int, default=3500, help='VQ-VAE training steps')
+parser.add_argument('--vae_bs', type=int, default=16, help='VQ-VAE batch size')
+parser.add_argument('--vae_lr', type=float, default=2e-3, help='VQ-VAE peak learning rate (AdamW, warm-up + cosine)')
+parser.add_argument('--vae_loss', default='l1', choices=['l1', 'mse'], help='VQ-VAE reconstruction loss')
 parser.add_argument('--dead_window', type=int, default=50, help='re-seed codes unused over this many steps')
 parser.add_argument('--dead_until', type=float, default=0.8, help='stop re-seeding after this fraction of the steps')
 parser.add_argument('--vae_eval_every', type=int, default=500, help='val metrics every this many steps (0: at the end)')
 # VAR
-parser.add_argument('--var_steps', type=int, default=10000)
-parser.add_argument('--var_bs', type=int, default=32)
-parser.add_argument('--var_lr', type=float, default=3e-3)
-parser.add_argument('--var_wd', type=float, default=0.05)
-parser.add_argument('--var_clip', type=float, default=2.0)
+parser.add_argument('--var_steps', type=int, default=10000, help='VAR training steps')
+parser.add_argument('--var_bs', type=int, default=32, help='VAR batch size')
+parser.add_argument('--var_lr', type=float, default=3e-3, help='VAR peak learning rate (AdamW, warm-up + cosine)')
+parser.add_argument('--var_wd', type=float, default=0.05, help='VAR weight decay')
+parser.add_argument('--var_clip', type=float, default=2.0, help='VAR gradient-norm clip')
 parser.add_argument('--var_ema', type=float, default=0.999, help='EMA decay of the shipped VAR weights (0: no EMA)')
-parser.add_argument('--var_eval_every', type=int, default=1000)
+parser.add_argument('--var_eval_every', type=int, default=1000, help='VAR val loss / accuracy every this many steps')
 parser.add_argument('--var_init', default='',
                     help='start the VAR from these weights (a tiny_var.pt of the same --preset) instead of a random '
                          'init: a warm restart with a fresh optimizer, warm-up and cosine schedule of --var_steps')
 parser.add_argument('--warmup', type=float, default=0.05, help='warm-up fraction of the steps (VAE, VAR, featnet)')
 # sampling for the grid / the sample score
-parser.add_argument('--cfg', type=float, default=1.5)
-parser.add_argument('--top_k', type=int, default=0)
-parser.add_argument('--top_p', type=float, default=0.0)
+parser.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance of the sample grid and score')
+parser.add_argument('--top_k', type=int, default=0, help='top-k of the sample grid and score (0: off)')
+parser.add_argument('--top_p', type=float, default=0.0, help='top-p of the sample grid and score (0: off)')
 parser.add_argument('--score_n', type=int, default=1000, help='VAR samples the finished feature network classifies')
 # feature network
-parser.add_argument('--fn_steps', type=int, default=6000)
-parser.add_argument('--fn_bs', type=int, default=64)
-parser.add_argument('--fn_lr', type=float, default=1e-3)
+parser.add_argument('--fn_steps', type=int, default=6000, help='feature network training steps')
+parser.add_argument('--fn_bs', type=int, default=64, help='feature network batch size')
+parser.add_argument('--fn_lr', type=float, default=1e-3, help='feature network peak learning rate')
 parser.add_argument('--fn_n_train', type=int, default=60000, help='its training images (train_seed)')
 # the judge (models.build_judge): a CNN trained apart from the feature network, on shapes of its own seed
-parser.add_argument('--judge_steps', type=int, default=4000)
-parser.add_argument('--judge_bs', type=int, default=128)
-parser.add_argument('--judge_lr', type=float, default=2e-3)
-parser.add_argument('--judge_n_train', type=int, default=30000)
+parser.add_argument('--judge_steps', type=int, default=4000, help='judge training steps')
+parser.add_argument('--judge_bs', type=int, default=128, help='judge batch size')
+parser.add_argument('--judge_lr', type=float, default=2e-3, help='judge peak learning rate')
+parser.add_argument('--judge_n_train', type=int, default=30000, help='judge training images (make_shapes(n, judge_data_seed))')
 parser.add_argument('--judge_data_seed', type=int, default=5, help="its training shapes' seed (not --train_seed)")
 parser.add_argument('--serial', action='store_true', help='--stage all: featnet after the VAR, not alongside')
 parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)  # the parallel featnet process
+models.show_defaults(parser)  # every --help line ends with its default
 args = parser.parse_args()
 DATA_INFO = dict(train_images=args.n_train, train_seed=args.train_seed, val_images=args.n_val, val_seed=args.val_seed,
                  torch_seed=args.seed)  # every stage's MANIFEST.json entry

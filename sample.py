@@ -1,7 +1,7 @@
 """AID-VAR sampling: npz files in the ADM evaluator format, image grids, scale-by-scale progressions.
 
     python sample.py --w 0 0.1 --progression       # tiny preset: shipped VAR + injector, paired baseline / guided
-    accelerate launch sample.py --depth 16 --injector runs/injector/injector.pt --w 0 0.001   # 50k per w, all GPUs
+    accelerate launch sample.py --depth 16 --injector runs/injector/injector.safetensors --w 0 0.001   # 50k per w, all GPUs
 
 Per w: samples_w{w}.npz (arr_0 uint8 NHWC, labels, tokens of every scale, preset, meta JSON of every setting) and
 grid_w{w}.png. Batch b draws from a seed of (--seed, b) alone, so every w sees the same labels and seeds, and the
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
 import data
 import models
@@ -32,7 +32,8 @@ p.add_argument('--depth', type=int, default=None, help='16/20/24/30: official VA
 p.add_argument('--ckpt_dir', type=str, default='checkpoints',
                help='folder of the official VAR / VQ-VAE checkpoints (real models; downloaded from the HF hub if missing)')
 p.add_argument('--injector', type=str, default=None,
-               help='injector.pt from train_injector.py (tiny preset default: the shipped weights/tiny_injector.pt)')
+               help='injector.safetensors (or an older .pt) from train_injector.py (tiny preset default: the shipped '
+                    'weights/tiny_injector.safetensors)')
 p.add_argument('--random_init', action='store_true',
                help='random VAR / VQ-VAE (seed 0) and a random non-zero injector: tests and benchmarks only')
 p.add_argument('--w', type=float, nargs='+', default=None,
@@ -63,9 +64,10 @@ p.add_argument('--plant_strength', type=float, default=None, help='size of the p
 p.add_argument('--plant_seed', type=int, default=0, help='which planted error (its random direction)')
 p.add_argument('--max_batches', type=int, default=None,
                help='debug: stop after computing this many new batches (leaves a resumable partial run)')
+models.show_defaults(p)  # every --help line ends with its default
 
 GRID_ROWS, GRID_COLS = 10, 8  # classes x samples per class in grid_w{w}.png
-W_WARN = 1.0  # |w| above this gets a warning: the paper samples at 0.001, and the tiny preset's samples break at 0.1
+W_WARN = 1.0  # |w| above this gets a warning: the paper samples at 0.001, the tiny injector trains at 0.1
 
 
 def check_ws(ws):
@@ -79,7 +81,7 @@ def check_ws(ws):
                   f'discriminator rejects). Sampling anyway.', file=sys.stderr)
         elif w > W_WARN:
             print(f'[sample] warning: --w {w:g} is {w / 0.001:,.0f}x the paper\'s 0.001; the injector was trained for '
-                  f'w near its w_train, and larger w break the samples (tiny preset: FID +45 at 0.1). Sampling anyway.',
+                  f'w near its w_train; far larger w push the tokens off the VAR\'s distribution. Sampling anyway.',
                   file=sys.stderr)
 
 
@@ -130,13 +132,18 @@ def build_models(args, device):
     path = args.injector
     if path is None:
         if args.depth is not None:
-            raise SystemExit('--injector is required with --depth (the injector.pt written by train_injector.py); '
+            raise SystemExit('--injector is required with --depth (the injector.safetensors written by train_injector.py); '
                              'only --w 0 (plain VAR sampling) runs without one.')
         path = models.TINY_DIR / models.TINY_FILES['injector']
         if not Path(path).is_file():
             raise SystemExit(f'The shipped tiny injector {path} is missing: restore it with `git checkout -- weights/`, '
                              f'train one with `python train_injector.py` and pass --injector, or sample plain VAR with --w 0.')
     injector, meta = models.load_injector(path, var, device)
+    var_sha256 = models.weights_sha256(var) if meta.get('var_sha256') else None
+    if var_sha256 and meta['var_sha256'] != var_sha256:
+        print(f'[sample] warning: {path} was trained on another VAR (weights sha256 {meta["var_sha256"][:16]}, this one '
+              f'{var_sha256[:16]}{"; --plant " + str(args.plant) if args.plant else ""}): its guidance '
+              f'was learnt for that model', file=sys.stderr)
     return vae, var, injector, dict(meta, source=str(path), sha256=data.sha256_file(path).hexdigest()[:16])
 
 
@@ -194,6 +201,26 @@ def for_png(x_N3HW):
     """Tiny-preset images (32 px) are upscaled (nearest) to 64 px or more so PNG viewers show them."""
     f = -(-64 // x_N3HW.shape[-1])
     return F.interpolate(x_N3HW, scale_factor=f, mode='nearest') if f > 1 else x_N3HW
+
+
+def save_labelled(grid_3HW, path, titles, scale_names):
+    """progression.png: the tile grid (blocks of len(scale_names) columns, a white column between blocks) under a
+    header naming each block (titles) and each column (the scale whose token prefix it decodes, e.g. '4x4')."""
+    from PIL import Image, ImageDraw, ImageFont
+    K = len(scale_names)
+    pitch = (grid_3HW.shape[-1] - 1) // (len(titles) * (K + 1) - 1)  # tile + 1 px padding
+    font = ImageFont.load_default(size=max(10, pitch // 5))
+    line = font.size + 4
+    img = Image.new('RGB', (grid_3HW.shape[-1], grid_3HW.shape[-2] + 2 * line), 'white')
+    img.paste(Image.fromarray(grid_3HW.mul(255).add(0.5).clamp(0, 255).byte().permute(1, 2, 0).numpy()), (0, 2 * line))
+    draw = ImageDraw.Draw(img)
+    for j, title in enumerate(titles):
+        x0 = 1 + j * (K + 1) * pitch
+        draw.text((x0 + 2, 2), title, fill='black', font=font)
+        for k, name in enumerate(scale_names):
+            draw.text((x0 + k * pitch + pitch // 2, line + 2), name, fill='black', font=font, anchor='ma')
+    with data.atomic_path(path) as tmp:
+        img.save(tmp, format='PNG')
 
 
 def grid_indices(labels_N, classes):
@@ -258,7 +285,9 @@ def progression(path, vae, var, hook, args, labels_N, ws, out_dir, autocast):
     # a white tile between the w blocks of a row
     gap_nW13HW = torch.ones_like(rows_nWK3HW[:, :, :1])
     tiles = torch.cat([rows_nWK3HW, gap_nW13HW], dim=2).flatten(1, 2)[:, :-1]      # (n, nw*(K+1)-1, 3, H, W)
-    save_image(for_png(tiles.flatten(0, 1)), path, nrow=tiles.shape[1], padding=1)
+    grid_3HW = make_grid(for_png(tiles.flatten(0, 1)), nrow=tiles.shape[1], padding=1)
+    titles = [f'w = {w:g} (baseline: the frozen VAR)' if w == 0 else f'w = {w:g} (guided)' for w in ws_prog]
+    save_labelled(grid_3HW, path, titles, [f'{pn}x{pn}' for pn in var.patch_nums])
     print(f'[sample] {path}: {n} samples (classes {pick_cls}) x scales 0..{K - 1}, blocks w = {ws_prog}')
 
 

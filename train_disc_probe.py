@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import data
 import models
@@ -40,7 +39,7 @@ p.add_argument('--out_dir', type=str, default='runs/disc_probe', help='CSV, plot
 p.add_argument('--overwrite', action='store_true', help="replace an earlier probe's files of the same --space in out_dir")
 p.add_argument('--seed', type=int, default=0, help='weights, data order and samples')
 p.add_argument('--n_tiny', type=int, default=20000, help='tiny preset: number of training shapes')
-models.show_preset_defaults(p)  # flags left at None take models.PRESETS' value (main)
+models.show_defaults(p)  # flags left at None take models.PRESETS' value (main)
 
 
 class LatentDiscriminator(nn.Module):
@@ -129,7 +128,7 @@ def main(argv=None):
                 # one D call per scale and side: ghost batch norm must not mix real with fake or scales
                 out_r = [D(x, labels_B) for x in reals]
                 out_f = [D(x, labels_B) for x in fakes]
-                loss_k = [F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(out_r, out_f)]
+                loss_k = [models.hinge_d_loss(r, f) for r, f in zip(out_r, out_f)]
                 loss = sum(loss_k) / SN
                 if not math.isfinite(loss.item()):
                     raise SystemExit(f'[D probe] step {step + 1}: loss_D = {loss.item()}; stopped.')

@@ -5,7 +5,7 @@
 
 One step (the paper's "dynamic refresh"): the VAR with the injector's guidance makes fakes at a random scale k,
 soft-decoded to RGB; D takes a hinge step on real vs fake (+ lazy R1), then the injector a step on
--D(fake) + lambda * CE. The VAR, the VQ-VAE and D's backbone never change. Writes OUT_DIR/last.pt, injector.pt,
+-D(fake) + lambda * CE. The VAR, the VQ-VAE and D's backbone never change. Writes OUT_DIR/last.pt, injector.safetensors,
 log.jsonl and config.json. Why gradients are synced by hand, mixed precision, logging: docs/training.md.
 """
 import argparse
@@ -53,7 +53,8 @@ p.add_argument('--real_decode', choices=['soft', 'hard'], default=None,
 p.add_argument('--real_match', choices=list(soft_decode.REAL_MATCH), default='entropy',
                help="soft reals: match the fakes' mean entropy or the mean norm of their expected code")
 p.add_argument('--disc_scales', choices=['random', 'all'], default='random', help='D sees one random scale k >= 1 per sample, or every scale')
-p.add_argument('--disc_norm', choices=list(models.DISC_NORMS), default=None, help="D heads' norm (none: see README, tiny preset)")
+p.add_argument('--disc_norm', choices=list(models.DISC_NORMS), default=None,
+               help="D heads' norm (none: no batch norm, the tiny preset's choice: docs/tiny_preset.md)")
 p.add_argument('--disc_aug', choices=list(models.DISC_AUGS), default=None, help='DiffAugment on real and fake images in D')
 p.add_argument('--broadcast', action='store_true', help='ablation: one guidance vector per scale, not a map')
 p.add_argument('--lambda_rec', type=float, default=0.01, help='weight of the token cross-entropy (eq. 7)')
@@ -75,8 +76,10 @@ p.add_argument('--max_steps', type=int, default=None, help='overrides --epochs')
 p.add_argument('--cfg', type=float, default=1.5, help='CFG of rollouts and grids')
 p.add_argument('--top_k', type=int, default=None, help='top-k of rollouts and grids (0: off)')
 p.add_argument('--top_p', type=float, default=None, help='top-p of rollouts and grids (0: off)')
-p.add_argument('--out_dir', type=str, default='runs/injector', help='run folder: last.pt (full state), injector.pt, '
+p.add_argument('--out_dir', type=str, default='runs/injector', help='run folder: last.pt (full state), injector.safetensors, '
                'log.jsonl, config.json, grids; refused if it holds an earlier run unless --resume is given')
+p.add_argument('--config', type=str, default=None, help="a run's config.json: its flags become this run's defaults (flags "
+               "given here win), e.g. `--config runs/x/config.json --out_dir runs/y` repeats run x")
 p.add_argument('--resume', type=str, default=None, help="a last.pt, or 'auto' for OUT_DIR/last.pt if it exists (else a "
                "fresh start); log.jsonl is cut back to the checkpoint's step")
 p.add_argument('--val_n', type=int, default=None, help='validation: paired samples per w (guided vs w = 0) at the end '
@@ -84,7 +87,7 @@ p.add_argument('--val_n', type=int, default=None, help='validation: paired sampl
 p.add_argument('--val_w', type=float, nargs='+', default=None, help='validation: guided weights (default: w_train)')
 p.add_argument('--val_seed', type=int, default=999, help='validation sampling seed (keep it apart from evaluation seeds)')
 p.add_argument('--val_at', choices=['end', 'ckpt'], default='end', help="validate at the end only, or at every "
-               "checkpoint too (then the best-validated weights are kept as injector_best.pt)")
+               "checkpoint too (then the best-validated weights are kept as injector_best.safetensors)")
 p.add_argument('--val_net', choices=['judge', 'featnet', 'inception'], default=None,
                help="validation FID network: tiny preset 'judge' (a CNN D never saw; 'featnet' is D's backbone), real "
                     "models 'inception'")
@@ -98,15 +101,16 @@ p.add_argument('--mixed_precision', choices=['no', 'bf16'], default=None,
                help='default: what accelerate launch / accelerate config set, else bf16 on GPU and no on CPU. No fp16: '
                     'the backward passes are hand-written (no accelerator.backward), so fp16 gradients would get no loss '
                     'scaling and could underflow')
-p.add_argument('--num_workers', type=int, default=8, help='DataLoader processes per GPU (ImageNet; the tiny preset needs none)')
+p.add_argument('--num_workers', type=int, default=None, help='DataLoader processes per GPU (ImageNet; the tiny preset '
+               'needs none); default: the cores this process may use / the processes on this machine, at most 8')
 p.add_argument('--n_tiny', type=int, default=20000, help='tiny preset: number of training shapes')
 p.add_argument('--report_to', choices=['none', 'tensorboard', 'wandb'], default='none', help="also log every step through "
                "accelerate's trackers (tensorboard: OUT_DIR/aid-var; wandb: project aid-var); log.jsonl and config.json "
                "are always written")
-models.show_preset_defaults(p)  # flags left at None take models.PRESETS' value (resolve_args)
+models.show_defaults(p)  # flags left at None take models.PRESETS' value (resolve_args)
 
 GRID_CLASSES_IMAGENET = (207, 360, 387, 974, 88, 979, 417, 279)  # the VAR demo's classes
-RUN_FILES = ('last.pt', 'injector.pt')  # what an earlier run leaves in its out_dir (and a fresh start would overwrite)
+RUN_FILES = ('last.pt', 'injector.safetensors', 'injector.pt')  # what an earlier run leaves in its out_dir (and a fresh start would overwrite)
 RESUME_KEYS = ('injector', 'disc_heads', 'opt_g', 'opt_d', 'step', 'args')
 RESUME_MUST_MATCH = ('depth', 'inject', 'context', 'decode', 'broadcast', 'global_batch_size', 'seed', 'disc_norm', 'disc_aug',
                      'real_decode', 'plant', 'plant_strength', 'plant_seed')
@@ -115,6 +119,8 @@ TRACKER_PROJECT = 'aid-var'
 
 def resolve_args(argv=None):
     args = p.parse_args(argv)
+    if args.config:  # its values as defaults: argparse fills only what the namespace lacks, so given flags win
+        args = p.parse_args(argv, namespace=argparse.Namespace(**read_config(args.config)))
     preset = models.apply_preset(args)
     if args.max_steps is None and args.epochs is None:
         args.epochs = 1
@@ -138,6 +144,26 @@ def resolve_args(argv=None):
         raise SystemExit('--val_n on the real models needs --val_ref: the ADM batch VIRTUAL_imagenet256_labeled.npz, a '
                          'real-image npz or an image folder (or --val_n 0: no validation, and no verdict)')
     return args
+
+
+def loader_workers(flag) -> int:
+    """--num_workers, else the cores this process may use shared by the processes on this machine, 1 to 8."""
+    if flag is not None:
+        return flag
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, min(8, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))  # LOCAL_WORLD_SIZE: accelerate / torchrun
+
+
+def read_config(path) -> dict:
+    """The flags of a config.json written by train_injector.py (its other keys, and --resume / --config, left out)."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'--config {path}: not a readable config.json ({_first_line(e)})') from None
+    if not isinstance(cfg, dict) or 'global_batch_size' not in cfg:
+        raise SystemExit(f'--config {path}: not a train_injector.py config.json (no global_batch_size)')
+    flags = {a.dest for a in p._actions} - {'help', 'resume', 'config'}
+    return {k: v for k, v in cfg.items() if k in flags}
 
 
 def build_everything(args, device):
@@ -294,10 +320,11 @@ def sync_grads(params, world):
         q.grad.copy_(g.view_as(q))
 
 
-def train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, args, accelerator, check):
+def train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, args, real_temps, accelerator, check):
     """One dynamic-refresh step (D update on the current fakes, then the injector update). Returns the log record.
 
-    check(step, {name: value}) is called on the rank-averaged losses before each update (it stops on NaN/Inf).
+    real_temps: the soft reals' per-scale temperatures (real_temperatures). check(step, {name: value}) is called on
+    the rank-averaged losses before each update (it stops on NaN/Inf).
     With --lambda_adv 0 (CE only: an arm of the positive control) no fakes are made and D is not trained.
     """
     device, world, per_device, SN = accelerator.device, accelerator.num_processes, img_B3HW.shape[0], len(var.patch_nums)
@@ -308,7 +335,7 @@ def train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, ar
     use_d = args.lambda_adv > 0
     with torch.no_grad():  # tokenised in float32, outside autocast, as the official VAR trainer does
         if args.real_decode == 'soft' and use_d:
-            real_probs, gt_idx = soft_decode.real_soft_labels(vae, img_B3HW.float(), args.real_temps)
+            real_probs, gt_idx = soft_decode.real_soft_labels(vae, img_B3HW.float(), real_temps)
         else:
             real_probs, gt_idx = None, vae.img_to_idxBl(img_B3HW.float())
     zero = torch.zeros((), device=device)
@@ -331,7 +358,7 @@ def train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, ar
             # --- D step on real vs the current fakes
             D.requires_grad_(True)
             out_real, out_fake = D(real, labs), D(fake.detach(), labs)
-            loss_D = F.relu(1 - out_real).mean() + F.relu(1 + out_fake).mean()
+            loss_D = models.hinge_d_loss(out_real, out_fake)
             if args.r1_gamma > 0 and step % args.r1_every == 0:  # lazy R1, scaled by its interval
                 real_r = real.detach().float().requires_grad_(True)
                 # R1 of D's per-image mean logit (the sum over its ~5T patch logits would scale R1 by ~(5T)^2)
@@ -343,13 +370,14 @@ def train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, ar
         logits_ce = cond_logits if ctx_idx is gt_idx else guided_logits(var, injector, labels_B, gt_idx, args.w_train, args.inject)[0]
         loss_ce = F.cross_entropy(logits_ce.reshape(-1, var.V), torch.cat(gt_idx, 1).reshape(-1))
 
-    stats = rank_mean(torch.stack([loss_D.detach().float(), r1.detach().float(), loss_ce.detach().float(),
-                                   (out_real > 0).float().mean(), (out_fake < 0).float().mean()]), world)
-    check(step + 1, {'loss_D': stats[0].item(), 'R1': stats[1].item(), 'loss_CE': stats[2].item()})
+    stats = dict(loss_D=loss_D.detach().float(), r1=r1.detach().float(), loss_CE=loss_ce.detach().float(),
+                 acc_real=(out_real > 0).float().mean(), acc_fake=(out_fake < 0).float().mean())
+    stats = dict(zip(stats, rank_mean(torch.stack(list(stats.values())), world).tolist()))  # one all-reduce
+    check(step + 1, {'loss_D': stats['loss_D'], 'R1': stats['r1'], 'loss_CE': stats['loss_CE']})
     for i in range(args.d_steps if use_d else 0):
         if i > 0:  # further D steps on the same real / fake pair (new DiffAugment draws), before the injector's
             with accelerator.autocast():
-                loss_D = F.relu(1 - D(real, labs)).mean() + F.relu(1 + D(fake.detach(), labs)).mean()
+                loss_D = models.hinge_d_loss(D(real, labs), D(fake.detach(), labs))
         opt_d.zero_grad(set_to_none=True)
         loss_D.backward()
         sync_grads(list(D.head_parameters()), world)
@@ -374,8 +402,8 @@ def train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, ar
     opt_g.step()
 
     g_norm = [g_BLC[:, bg:ed].detach().float().norm(dim=-1).mean().item() for bg, ed in var.begin_ends[1:]]
-    return dict(step=step + 1, loss_D=stats[0].item(), r1=stats[1].item(), loss_adv=adv.item(), loss_CE=stats[2].item(),
-                acc_real=stats[3].item(), acc_fake=stats[4].item(), grad_norm_G=float(gn_g), grad_norm_D=float(gn_d),
+    return dict(step=step + 1, loss_D=stats['loss_D'], r1=stats['r1'], loss_adv=adv.item(), loss_CE=stats['loss_CE'],
+                acc_real=stats['acc_real'], acc_fake=stats['acc_fake'], grad_norm_G=float(gn_g), grad_norm_D=float(gn_d),
                 g_norm_per_scale=g_norm, img_per_s=per_device * world / (time.perf_counter() - t0))
 
 
@@ -475,6 +503,9 @@ def _first_line(e: Exception) -> str:
 
 def read_resume(path: Path, args) -> dict:
     """A train_injector.py checkpoint, checked to be one and to fit this run's settings (else one-line SystemExit)."""
+    if path.suffix == '.safetensors':
+        raise SystemExit(f'[AID-VAR] --resume {path} is an injector file (weights only, no optimiser state or step), '
+                         f'not a training checkpoint: give the last.pt that train_injector.py writes beside it.')
     try:
         ck = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated zip, garbage, a pickle of something else
@@ -489,7 +520,7 @@ def read_resume(path: Path, args) -> dict:
         else:
             what = f'a {type(ck).__name__}' + (f' with keys {sorted(map(str, ck))[:6]}' if is_dict else '')
         raise SystemExit(f'[AID-VAR] --resume {path} is {what}, not a training checkpoint: give the last.pt that '
-                         f'train_injector.py writes beside injector.pt.')
+                         f'train_injector.py writes beside injector.safetensors.')
     for k in RESUME_MUST_MATCH:
         if ck['args'].get(k) != getattr(args, k):
             raise SystemExit(f'[AID-VAR] --resume {path}: it was trained with --{k} {ck["args"].get(k)}, now --{k} '
@@ -535,7 +566,7 @@ def main(argv=None):
     resume = decide_resume(args, out_dir, accelerator)  # before anything is written or loaded
     ck = read_resume(resume, args) if resume else None
     changed = [f'--{k} {v} -> {getattr(args, k)}' for k, v in (ck or {}).get('args', {}).items()
-               if k not in ('resume', 'real_temps') and hasattr(args, k) and getattr(args, k) != v]
+               if k != 'resume' and hasattr(args, k) and getattr(args, k) != v]
     if changed:
         accelerator.print(f'[AID-VAR] --resume {resume}: continuing with settings that differ from the checkpoint\'s: '
                           f'{", ".join(changed)}')
@@ -544,6 +575,7 @@ def main(argv=None):
     if args.global_batch_size % world:
         raise SystemExit(f'--global_batch_size {args.global_batch_size} is not divisible by {world} processes.')
     per_device = args.global_batch_size // world
+    num_workers = loader_workers(args.num_workers)
     steps_per_epoch = len(dataset) // args.global_batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f'The training set has {len(dataset)} images, fewer than one global batch ({args.global_batch_size}).')
@@ -551,7 +583,8 @@ def main(argv=None):
 
     with accelerator.main_process_first():  # downloads (checkpoints, DINO) happen once, the other ranks then read the cache
         vae, var, D, injector = build_everything(args, device)
-    args.real_temps = real_temperatures(args, dataset, var, device, accelerator.print)
+    var_sha256 = models.weights_sha256(var)  # into the injector's metadata: sample.py warns when used on another VAR
+    real_temps = real_temperatures(args, dataset, var, device, accelerator.print)
     opt_g = torch.optim.AdamW(injector.parameters(), lr=args.lr_g, betas=(0.9, 0.999), weight_decay=1e-5)
     opt_d = torch.optim.AdamW(D.head_parameters(), lr=args.lr_d, betas=(0.9, 0.999), weight_decay=1e-5)
     ckpt_path = out_dir / 'last.pt'
@@ -572,7 +605,7 @@ def main(argv=None):
     def injector_meta(val):
         return dict(depth=args.depth, inject=args.inject, w_train=args.w_train, context=args.context, decode=args.decode,
                     step=step, lambda_rec=args.lambda_rec, seed=args.seed, lambda_adv=args.lambda_adv, plant=args.plant,
-                    g_draws=args.g_draws, fake_cfg=args.fake_cfg, validation=val if val and val['step'] == step else None)
+                    g_draws=args.g_draws, fake_cfg=args.fake_cfg, var_sha256=var_sha256, validation=val if val and val['step'] == step else None)
 
     def save_checkpoint(val):
         sums = torch.tensor([sum(float(t.double().sum()) for m in (injector, D.heads) for t in m.state_dict().values()
@@ -585,11 +618,12 @@ def main(argv=None):
             data.atomic_save(dict(injector=injector.state_dict(), disc_heads=D.heads_state_dict(), opt_g=opt_g.state_dict(),
                                   opt_d=opt_d.state_dict(), step=step, args=vars(args), world=world,
                                   weights_checksum=float(sums)), ckpt_path)
-            models.save_injector(out_dir / 'injector.pt', injector, injector_meta(val))
+            models.save_injector(out_dir / 'injector.safetensors', injector, injector_meta(val))
         accelerator.wait_for_everyone()
 
-    config = dict(vars(args), world=world, per_device_batch_size=per_device, steps_per_epoch=steps_per_epoch,
-                  total_steps=total_steps, mixed_precision_used=str(accelerator.mixed_precision), start_step=step,
+    config = dict(vars(args), real_temps=real_temps, world=world, per_device_batch_size=per_device,
+                  steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                  mixed_precision_used=str(accelerator.mixed_precision), start_step=step,
                   resumed_from=None if resume is None else str(resume))
     log_f = None
     if accelerator.is_main_process:
@@ -614,11 +648,12 @@ def main(argv=None):
     try:
         while step < total_steps:
             epoch, start = divmod(step, steps_per_epoch)
-            batches = data.epoch_batches(dataset, epoch, start, per_device, rank, world, args.seed, args.num_workers)
+            batches = data.epoch_batches(dataset, epoch, start, per_device, rank, world, args.seed, num_workers)
             for img_B3HW, labels_B in batches:
                 if step >= total_steps:
                     break
-                rec = train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, args, accelerator, check_finite)
+                rec = train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, args, real_temps, accelerator,
+                                 check_finite)
                 rec['epoch'] = epoch
                 step += 1
                 if log_f:
@@ -636,7 +671,7 @@ def main(argv=None):
                         history.append(val)
                         best = best_validation(history)
                         if args.val_at == 'ckpt' and best is val:
-                            models.save_injector(out_dir / 'injector_best.pt', injector, injector_meta(val))
+                            models.save_injector(out_dir / 'injector_best.safetensors', injector, injector_meta(val))
                         data.atomic_save(json.dumps(dict(last=val, best_step=best['step'], history=history), indent=1) + '\n',
                                          val_path)
                         bar.write(f'[AID-VAR] {verdict_line(val)}')  # main process only: val_setup is None elsewhere
@@ -655,10 +690,10 @@ def main(argv=None):
     bar.close()
     if log_f:
         log_f.close()
-    accelerator.print(f'[AID-VAR] done: {step} steps; injector at {out_dir / "injector.pt"}, full state at {ckpt_path}')
+    accelerator.print(f'[AID-VAR] done: {step} steps; injector at {out_dir / "injector.safetensors"}, full state at {ckpt_path}')
     if args.val_at == 'ckpt' and history:
         best = best_validation(history)
-        accelerator.print(f'[AID-VAR] best validated weights (step {best["step"]}, {best["verdict"]}): {out_dir / "injector_best.pt"}')
+        accelerator.print(f'[AID-VAR] best validated weights (step {best["step"]}, {best["verdict"]}): {out_dir / "injector_best.safetensors"}')
     accelerator.end_training()
     return dict(vae=vae, var=var, D=D, injector=injector)
 

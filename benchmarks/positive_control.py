@@ -114,9 +114,9 @@ def one_run(args, plant, arm, seed, out):
         run(['train_injector.py', '--plant', plant, '--seed', str(seed), '--out_dir', str(run_dir), '--sample_every', '0',
              '--resume', 'auto', *data, *steps, *args.train_args.split(), *ARMS[arm]], log)
         (run_dir / 'done').touch()
-    w = models.load_injector(run_dir / 'injector.pt', models.load_tiny()[1])[1]['w_train']
-    res = dict(residual(plant, run_dir / 'injector.pt'), w=w)
-    res.update(fid_of(args, run_dir / 'samples', log, w, ['--plant', plant, '--injector', str(run_dir / 'injector.pt')]))
+    w = models.load_injector(run_dir / 'injector.safetensors', models.load_tiny()[1])[1]['w_train']
+    res = dict(residual(plant, run_dir / 'injector.safetensors'), w=w)
+    res.update(fid_of(args, run_dir / 'samples', log, w, ['--plant', plant, '--injector', str(run_dir / 'injector.safetensors')]))
     return res
 
 

@@ -94,7 +94,7 @@ def one_run(args, variant, seed, ws, out):
         run(['train_injector.py', '--seed', str(seed), '--out_dir', str(run_dir), '--sample_every', '0',
              '--resume', 'auto', *steps, *args.train_args.split(), *VARIANTS[variant]], log)
         (run_dir / 'done').touch()
-    npzs = sample(args, run_dir / 'samples', ws, log, injector=run_dir / 'injector.pt')
+    npzs = sample(args, run_dir / 'samples', ws, log, injector=run_dir / 'injector.safetensors')
     return {w: evaluate(npz, log) for w, npz in zip(ws, npzs)}
 
 

@@ -143,8 +143,8 @@ def test_sample_says_when_the_injector_did_not_help_and_falls_back(tmp_path):
     torch.nn.init.normal_(injector.proj_out.weight, std=0.05)
     val = dict(step=150, verdict='harms', validated_w=0.0, FID_w0=10.0, n=300, seed=999, net='judge', desc='judge FID',
                rows=[dict(w=0.1, FID=14.0, change=4.0, ci95=[2.0, 6.0])])
-    models.save_injector(tmp_path / 'inj.pt', injector, dict(inject='input', w_train=0.1, validation=val))
-    cmd = [sys.executable, 'sample.py', '--injector', str(tmp_path / 'inj.pt'), '--num_per_class', '1', '--out_dir']
+    models.save_injector(tmp_path / 'inj.safetensors', injector, dict(inject='input', w_train=0.1, validation=val))
+    cmd = [sys.executable, 'sample.py', '--injector', str(tmp_path / 'inj.safetensors'), '--num_per_class', '1', '--out_dir']
     r = subprocess.run(cmd + [str(tmp_path / 'a')], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and 'did NOT help in its validation (harms' in r.stderr and (tmp_path / 'a' / 'samples_w0.1.npz').is_file()
     r = subprocess.run(cmd + [str(tmp_path / 'b'), '--validated_w'], cwd=REPO, capture_output=True, text=True)

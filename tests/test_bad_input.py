@@ -7,6 +7,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 import evaluate
@@ -35,7 +36,7 @@ def run_dir(tmp_path_factory):
 # ----------------------------------------------------------------------------- train_injector.py: out_dir, --resume
 
 def test_fresh_run_into_an_earlier_run_is_refused(run_dir):
-    before = {f: (run_dir / f).read_bytes() for f in ('last.pt', 'injector.pt', 'log.jsonl')}
+    before = {f: (run_dir / f).read_bytes() for f in ('last.pt', 'injector.safetensors', 'log.jsonl')}
     with pytest.raises(SystemExit) as e:
         ti.main(FAST + ['--max_steps', '2', '--out_dir', str(run_dir)])
     msg = _one_line(e)
@@ -51,9 +52,9 @@ def test_bad_resume_file_is_one_clear_line(run_dir, tmp_path, kind):
     elif kind == 'garbage':
         path.write_bytes(b'this is not a checkpoint\n' * 10)
     elif kind == 'injector':
-        path = run_dir / 'injector.pt'
+        path = run_dir / 'injector.safetensors'
     elif kind == 'state_dict':
-        torch.save(torch.load(run_dir / 'injector.pt', weights_only=True)['state_dict'], path)
+        torch.save(safetensors.torch.load_file(run_dir / 'injector.safetensors'), path)
     elif kind == 'other_dict':
         torch.save({'step': 3, 'model': torch.zeros(2)}, path)
     out = tmp_path / 'out'
@@ -150,6 +151,34 @@ def _npz_with_lying_header(path, rows_promised, rows_written):
             f.write(np.zeros((rows_written, 32, 32, 3), np.uint8).tobytes())
         with zf.open('labels.npy', 'w') as f:  # a member after it: a memmap would read its bytes as pixels
             np.lib.format.write_array(f, np.arange(rows_promised) % 10)
+
+
+def test_flags_and_headers_are_checked_before_any_image_is_inflated(tmp_path):
+    """A compressed arr_0 that would inflate to 9.8 GB (real-model 256x256 samples, only its header and a few bytes
+    written): the missing --ref is said at once, before the member is read; the same file with --ref says what is
+    wrong with the data."""
+    path = tmp_path / 'bomb.npz'
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED) as zf:
+        with zf.open('arr_0.npy', 'w') as f:
+            np.lib.format.write_array_header_1_0(f, {'descr': '|u1', 'fortran_order': False,
+                                                     'shape': (50000, 256, 256, 3)})
+            f.write(bytes(1000))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(path), '--cpu', '--cache_dir', str(tmp_path / 'cache')])
+    assert '--ref is required' in _one_line(e)
+    ref = tmp_path / 'ref.npz'
+    np.savez(ref, arr_0=np.zeros((4, 256, 256, 3), np.uint8))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(path), '--ref', str(ref), '--random_init', '--cpu', '--cache_dir', str(tmp_path / 'cache')])
+    assert str(path) in _one_line(e) and 'truncated or corrupt' in _one_line(e)
+
+
+def test_float_images_are_refused_from_the_header(tmp_path):
+    path = tmp_path / 'float.npz'
+    np.savez_compressed(path, arr_0=np.zeros((8, 32, 32, 3), np.float32))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(path), '--random_init', '--cpu', '--cache_dir', str(tmp_path / 'cache')])
+    assert 'dtype float32' in _one_line(e) and 'expected uint8' in _one_line(e)
 
 
 def test_npz_header_promising_more_rows_than_the_file_holds(tmp_path):
@@ -267,10 +296,11 @@ def test_bad_numbers_are_one_line_before_anything_is_written(tmp_path, bad, what
 
 def test_out_dir_that_is_a_file_and_bad_disc_ckpt_are_one_line(tmp_path, run_dir):
     (tmp_path / 'f').write_text('x')
+    torch.save({'meta': {}, 'state_dict': {}}, tmp_path / 'old_injector.pt')  # a torch file of another kind
     with pytest.raises(SystemExit, match='is a file'):
         ti.main(FAST + ['--max_steps', '1', '--out_dir', str(tmp_path / 'f')])
     for ckpt, what in ((tmp_path / 'missing.pt', 'no such file'), (tmp_path / 'f', 'not a readable torch file'),
-                       (run_dir / 'injector.pt', 'holds no D heads')):
+                       (tmp_path / 'old_injector.pt', 'holds no D heads')):
         with pytest.raises(SystemExit) as e:
             ti.main(FAST + ['--max_steps', '1', '--out_dir', str(tmp_path / 'o'), '--disc_ckpt', str(ckpt)])
         assert what in _one_line(e)

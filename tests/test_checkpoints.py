@@ -116,3 +116,53 @@ def test_vae_file_loads_into_other_patch_nums(tmp_path):
         models.load_checked(dst, models.load_state_dict_file(tmp_path / 'vae.pth'), tmp_path / 'vae.pth', 'a VQ-VAE')
         assert torch.equal(dst.quantize.embedding.weight, src.quantize.embedding.weight)
         assert dst.quantize.ema_vocab_hit_SV.shape == (3, 64) and not dst.quantize.ema_vocab_hit_SV.is_meta
+
+
+# ---------------------------------------------------------------------------------- injector files: safetensors, old .pt
+
+def test_shipped_injector_is_safetensors_with_readable_metadata():
+    """The field's tools read the metadata without this project: preset, depth, w_train, verdict, the VAR's sha256."""
+    from safetensors import safe_open
+    path = models.TINY_DIR / models.TINY_FILES['injector']
+    assert path.suffix == '.safetensors'
+    with safe_open(str(path), framework='pt') as f:
+        md = f.metadata()
+    assert md['format'] == 'aid-var injector 1' and md['preset'] == 'tiny' and md['depth'] == 'None'
+    assert md['w_train'] == '0.1' and md['verdict'] == 'no measurable effect'
+    _, var = models.load_tiny()
+    assert md['var_sha256'] == models.weights_sha256(var)  # trained on the shipped VAR, as loaded
+
+
+def test_old_pt_injector_loads_the_same_weights(tmp_path):
+    _, var = models.load_tiny()
+    inj, meta = models.load_injector(models.TINY_DIR / models.TINY_FILES['injector'], var)
+    torch.save({'meta': meta, 'state_dict': inj.state_dict()}, tmp_path / 'old.pt')  # the format before safetensors
+    old, old_meta = models.load_injector(tmp_path / 'old.pt', var)
+    assert old_meta == meta
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), inj.state_dict().values()))
+
+
+def test_safetensors_round_trip_and_foreign_files(tmp_path):
+    import safetensors.torch
+    _, var = models.load_tiny()
+    torch.manual_seed(0)
+    inj = models.GuidanceInjector(var.C, var.patch_nums)
+    torch.nn.init.normal_(inj.proj_out.weight)
+    models.save_injector(tmp_path / 'a.safetensors', inj, dict(depth=None, w_train=0.5, inject='input'))
+    back, meta = models.load_injector(tmp_path / 'a.safetensors', var)
+    assert meta['w_train'] == 0.5 and meta['embed_dim'] == var.C and meta['depth'] is None
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), inj.state_dict().values()))
+    safetensors.torch.save_file({'w': torch.zeros(2)}, str(tmp_path / 'plain.safetensors'))  # no AID-VAR metadata
+    (tmp_path / 'cut.safetensors').write_bytes((tmp_path / 'a.safetensors').read_bytes()[:500])
+    for name, what in (('plain', 'not an AID-VAR injector file'), ('cut', 'not a readable safetensors file')):
+        with pytest.raises(SystemExit, match=what):
+            models.load_injector(tmp_path / f'{name}.safetensors', var)
+
+
+def test_sample_warns_when_the_injector_was_trained_on_another_var(tmp_path, capsys):
+    """--plant shift changes the VAR's weights: the shipped injector (trained on the clean VAR) says so."""
+    import sample
+    sample.main(['--w', '0.1', '--classes', '0', '--num_per_class', '2', '--plant', 'shift', '--out_dir', str(tmp_path)])
+    assert 'was trained on another VAR' in capsys.readouterr().err
+    sample.main(['--w', '0.1', '--classes', '0', '--num_per_class', '2', '--out_dir', str(tmp_path / 'clean')])
+    assert 'was trained on another VAR' not in capsys.readouterr().err

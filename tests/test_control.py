@@ -167,15 +167,32 @@ def test_positive_control_benchmark_runs_end_to_end(tmp_path):
 
 
 def test_disc_teacher_fakes_benchmark_scores_every_variant(tmp_path):
-    """benchmarks/disc_teacher_fakes.py on the smallest setting: a pair accuracy in [0, 1] for every D variant, with
-    hard and soft (§3.2) reals."""
+    """benchmarks/disc_teacher_fakes.py: its pair accuracy on known scores (a stand-in D), then the smallest setting
+    end to end: one row per D variant, with hard and soft (§3.2) reals, each a share of the 80 held-out pairs."""
+    import importlib.util
     import subprocess
     import sys
     from conftest import REPO
+    spec = importlib.util.spec_from_file_location('disc_teacher_fakes', REPO / 'benchmarks' / 'disc_teacher_fakes.py')
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # a D whose 4 logits per image are its first 4 pixels plus the label: 100 pairs, chunks of 80 and 20
+    stand_in = lambda x, y: x.flatten(1)[:, :4] + y[:, None]
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.rand(100, 3, 4, 4, generator=g), torch.rand(100, 3, 4, 4, generator=g)
+    fake[::10] = real[::10]  # ties are not wins
+    labels = torch.randint(0, 10, (100,), generator=g)
+    fake_labels = labels.roll(1)  # both sides take the pair's label: another label would move the fake's score
+    want = real.flatten(1)[:, :4].mean(1) > fake.flatten(1)[:, :4].mean(1)
+    got = bench.pair_accuracy(stand_in, real, fake, labels)
+    assert got.dtype == torch.bool and torch.equal(got, want) and 0 < want.sum() < 90
+    assert not torch.equal(want, real.flatten(1)[:, :4].mean(1) + labels > fake.flatten(1)[:, :4].mean(1) + fake_labels)
+
     out = tmp_path / 'd.md'
     subprocess.run([sys.executable, 'benchmarks/disc_teacher_fakes.py', '--n', '160', '--n_eval', '80', '--steps', '1',
                     '--out', str(out)], cwd=REPO, check=True, capture_output=True)
-    rows = [r.split(' | ') for r in out.read_text().splitlines()]
+    rows = [r.strip('| ').split(' | ') for r in out.read_text().splitlines()]
     rows = [r for r in rows if len(r) > 3 and r[2] in ('hard', 'soft')]  # the D table: name | fakes | reals | accuracy
-    assert len(rows) == 7 and {r[2] for r in rows} == {'hard', 'soft'}
-    assert all(0 <= float(r[3]) <= 1 for r in rows)
+    assert [r[:3] for r in rows] == [[name, fakes, bench.REALS[reals]] for name, fakes, reals, _, _ in bench.VARIANTS]
+    for r in rows:  # printed to 3 decimals: within 0.0005 of a multiple of 1/80, and 5 per-scale columns
+        assert abs(float(r[3]) - round(float(r[3]) * 80) / 80) <= 0.00051 and len(r) == 4 + 5, r

@@ -143,14 +143,23 @@ def test_every_flag_has_a_help_text(script):
     assert not missing, missing
 
 
+# the per-preset defaults of train_injector.py, written out (real models, tiny preset) as --help prints them
+HELP_DEFAULTS = dict(lr_g=('1e-06', '0.001'), lr_d=('1e-06', '0.002'), global_batch_size=('256', '16'),
+                     w_train=('0.001', '0.1'), r1_gamma=('0.2', '0.0'), top_k=('900', '0'),
+                     max_steps=('not set', '150'), epochs=('2', 'not set'))
+
+
 def test_help_shows_the_per_preset_defaults():
     text = ' '.join(ti.p.format_help().split())
-    for key in ('lr_g', 'lr_d', 'global_batch_size', 'w_train', 'r1_gamma', 'top_k', 'max_steps', 'epochs'):
-        real, tiny = models.PRESETS['real'][key], models.PRESETS['tiny'][key]
-        want = (f'(default: real models {"not set" if real is None else real}, '
-                f'tiny preset {"not set" if tiny is None else tiny})')
-        assert want in text, (key, want)
-    assert 'real models 1e-06, tiny preset 0.001' in text and 'real models 256, tiny preset 16' in text
+    for key, (real, tiny) in HELP_DEFAULTS.items():
+        # the option's own entry (the usage line has '[--key KEY]'), then the first default note after it
+        start = text.index(f'--{key} {key.upper()} ')
+        got = re.search(r'\(default: real models [^)]*\)', text[start:]).group(0)
+        assert got == f'(default: real models {real}, tiny preset {tiny})', (key, got)
+        # and the values the presets apply are the ones the help announces
+        for preset, shown in (('real', real), ('tiny', tiny)):
+            value = models.PRESETS[preset][key]
+            assert (value is None) if shown == 'not set' else (value == float(shown)), (key, preset, value)
     text = ' '.join(sample.p.format_help().split())
     assert '50 (real models' in text and '10 (tiny)' in text and '900 (real models)' in text
     text = ' '.join(train_disc_probe.p.format_help().split())

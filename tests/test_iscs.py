@@ -1,11 +1,14 @@
 """ISCS (iscs.py) on synthetic features: the properties the metric must have, no networks."""
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import iscs
-from iscs import FD_EPS, feature_stats, frechet_distance, iscs_from_features, iscs_weights, joint_features
+from conftest import REPO
+from iscs import FD_EPS, frechet_distance, iscs_from_features, iscs_weights, joint_features
 
 N, K, D = 400, 5, 6  # samples, scales, feature width (joint 12-d: sqrtm stays instant)
 
@@ -46,18 +49,41 @@ def test_identical_sets_give_zero_fd_and_the_documented_finite_score():
     assert res['eps'] == FD_EPS
 
 
+def _fd_by_hand(x_ND, y_MD):
+    """Fréchet distance of the Gaussian fits of two sample sets, from scratch (no iscs, no scipy.linalg.sqrtm):
+    tr sqrtm(S1 S2) = tr sqrtm(A S2 A), A = S1^(1/2), whose argument is symmetric PSD (eigh)."""
+    stats = []
+    for z in (x_ND, y_MD):
+        mu = z.sum(0) / len(z)
+        stats.append((mu, (z - mu).T @ (z - mu) / (len(z) - 1)))
+    (mu1, s1), (mu2, s2) = stats
+    lam, vec = np.linalg.eigh(s1)
+    a = (vec * np.sqrt(np.clip(lam, 0, None))) @ vec.T
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(a @ s2 @ a), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def test_frechet_distance_closed_form():
+    # diagonal covariances: |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2 = 25 + 1 + 1
+    assert frechet_distance([0, 0], np.diag([1.0, 4.0]), [3, 4], np.diag([4.0, 9.0])) == pytest.approx(27, rel=1e-12)
+    # the same pair rotated (means and covariances alike): the distance is rotation invariant
+    c, s = math.cos(0.7), math.sin(0.7)
+    r = np.array([[c, -s], [s, c]])
+    fd = frechet_distance([0, 0], r @ np.diag([1.0, 4.0]) @ r.T, r @ [3, 4], r @ np.diag([4.0, 9.0]) @ r.T)
+    assert fd == pytest.approx(27, rel=1e-9)
+
+
 def test_matches_the_definition():
     real, gen = _feats(0), _feats(1, n=300)  # set sizes may differ
     res = iscs_from_features(real, gen)
-    w = iscs_weights(K)
-    fds = []
-    for k in range(1, K):
-        zr = joint_features(real[:, k - 1], real[:, k])
-        zg = joint_features(gen[:, k - 1], gen[:, k])
-        fds.append(frechet_distance(*feature_stats(zr), *feature_stats(zg)))
-    np.testing.assert_allclose(res['FD_k'], fds, rtol=1e-12)
-    np.testing.assert_allclose(res['S_k'], 1 / np.array(fds), rtol=1e-12)
-    assert math.isclose(res['ISCS'], float(np.dot(w, 1 / np.array(fds))), rel_tol=1e-12)
+    unit = lambda f: f / np.sqrt((f ** 2).sum(1, keepdims=True))
+    fds = np.array([_fd_by_hand(np.concatenate([unit(real[:, k - 1]), unit(real[:, k])], 1),
+                                np.concatenate([unit(gen[:, k - 1]), unit(gen[:, k])], 1)) for k in range(1, K)])
+    w = np.exp(np.arange(1, K)) / np.exp(np.arange(1, K)).sum()
+    assert np.all(fds > 1e-3)  # no transition clipped: the sets really differ
+    np.testing.assert_allclose(res['FD_k'], fds, rtol=1e-8)
+    np.testing.assert_allclose(res['S_k'], 1 / fds, rtol=1e-8)
+    assert math.isclose(res['ISCS'], float(np.dot(w, 1 / fds)), rel_tol=1e-8)
     assert res['clipped_k'] == []
     # a list of K (N, D) arrays is the same input as an (N, K, D) array
     res_list = iscs_from_features([real[:, k] for k in range(K)], [gen[:, k] for k in range(K)])
@@ -127,5 +153,8 @@ def test_bad_features_raise():
 
 
 def test_importable_alone():
+    """iscs.py needs numpy and scipy only: importing it in a fresh interpreter loads no torch."""
     assert set(iscs.__all__) >= {'iscs_from_features', 'iscs_from_stats', 'joint_features', 'iscs_weights'}
-    assert 'torch' not in iscs.__dict__
+    code = "import sys, iscs; assert 'torch' not in sys.modules, 'iscs imports torch'"
+    r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

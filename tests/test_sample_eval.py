@@ -90,10 +90,28 @@ def test_interrupted_run_resumes_to_identical_bytes(paired, tmp_path, capsys):
         sample.main(SMALL[:-1] + ['6', '--w', '0', '--out_dir', str(tmp_path)])
 
 
-def test_round_trip_through_evaluate(paired, tmp_path, capsys):
+def _fd_by_hand(x_ND, mu2, s2):
+    """Fréchet distance of a sample set's Gaussian fit to N(mu2, s2), from scratch (no iscs, no sqrtm):
+    tr sqrtm(S1 S2) = tr sqrtm(A S2 A), A = S1^(1/2), whose argument is symmetric PSD (eigh)."""
+    mu1 = x_ND.sum(0) / len(x_ND)
+    s1 = (x_ND - mu1).T @ (x_ND - mu1) / (len(x_ND) - 1)
+    lam, vec = np.linalg.eigh(s1)
+    a = (vec * np.sqrt(np.clip(lam, 0, None))) @ vec.T
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(a @ s2 @ a), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def test_round_trip_through_evaluate(paired, tmp_path, capsys, monkeypatch):
     out, _ = paired
     base, guided = out / 'samples_w0.npz', out / 'samples_w0.5.npz'
     common = ['--random_init', '--cpu', '--ref_n', '16', '--cache_dir', str(tmp_path / 'cache')]
+    # the features and reference statistics evaluate.py bootstraps, kept for an independent bootstrap below
+    seen, bootstrap = [], evaluate.iscs.paired_fid_bootstrap
+
+    def recording(feats, mu, sigma, *args, **kwargs):
+        seen.append((feats, mu, sigma))
+        return bootstrap(feats, mu, sigma, *args, **kwargs)
+    monkeypatch.setattr(evaluate.iscs, 'paired_fid_bootstrap', recording)
     # 1) baseline vs guided side by side (ISCS off here: its sqrtm's are the slow part, run once below)
     results = evaluate.main([str(base), str(guided), '--no_iscs', '--json', str(tmp_path / 'both.json'),
                              '--bootstrap', '20'] + common)
@@ -112,7 +130,21 @@ def test_round_trip_through_evaluate(paired, tmp_path, capsys):
     assert np.isclose(both['differences_to_first']['FID'][0],
                       results[1]['metrics']['FID'] - results[0]['metrics']['FID'])
     (bs,) = both['fid_bootstrap']
-    assert bs['n_boot'] == 20 and bs['ci95'][0] <= bs['ci95'][1] and 0 <= bs['p_lower'] <= 1
+    assert bs['n_boot'] == 20
+    # the same paired bootstrap by hand: the FID features of both files (they give the reported FIDs), the same
+    # 20 draws (numpy, seed 0) of 4 rows shared by both files, the reference held fixed
+    feats, mu, sigma = seen[0]
+    assert [len(f) for f in feats] == [4, 4]
+    for f, res in zip(feats, results):
+        assert _fd_by_hand(f, mu, sigma) == pytest.approx(res['metrics']['FID'], rel=1e-6)
+    rng = np.random.default_rng(0)
+    d = []
+    for _ in range(20):
+        rows = rng.integers(0, 4, 4)
+        d.append(_fd_by_hand(feats[1][rows], mu, sigma) - _fd_by_hand(feats[0][rows], mu, sigma))
+    np.testing.assert_allclose(bs['ci95'], np.percentile(d, [2.5, 97.5]), rtol=1e-5, atol=1e-6)  # sqrtm of singular S1 S2
+    assert bs['p_lower'] == np.mean(np.array(d) < 0)
+    assert min(np.abs(d)) > 1e-3 and 0 < bs['p_lower'] < 1  # no near-ties, and both signs occur
     # rows that are not the same draws cannot be bootstrapped in pairs: refused before any work
     shuffled = tmp_path / 'shuffled.npz'
     with np.load(guided) as f:
@@ -187,3 +219,20 @@ def test_two_processes_merge_the_same_npz(paired, tmp_path):
         with np.load(out / name) as a, np.load(tmp_path / name) as b:
             for key in ('arr_0', 'labels', 'tokens'):
                 assert np.array_equal(a[key], b[key]), (name, key)
+
+
+def test_progression_is_labelled(paired):
+    """progression.png: the tile grid (2 samples x 2 blocks of 6 scales, 64 px tiles + 1 px padding) under a header
+    of two text lines: which block is w = 0 and which is guided, and which scale each column decodes."""
+    from PIL import Image
+    out, _ = paired
+    img = np.asarray(Image.open(out / 'progression.png').convert('L'))
+    K, pitch = len(models.TINY['patch_nums']), 65
+    grid_h, grid_w = 2 * pitch + 1, (2 * (K + 1) - 1) * pitch + 1
+    assert img.shape[1] == grid_w and img.shape[0] > grid_h
+    header = img[:img.shape[0] - grid_h]
+    title_line, scale_line = header[:len(header) // 2], header[len(header) // 2:]
+    assert (title_line[:, :grid_w // 2] < 128).any() and (title_line[:, grid_w // 2:] < 128).any()  # both titles
+    for k in range(2 * (K + 1) - 1):  # a scale name above every tile column, none above the white gap column
+        col = scale_line[:, 1 + k * pitch:(k + 1) * pitch]
+        assert (col < 128).any() == (k != K), k

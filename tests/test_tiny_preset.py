@@ -117,7 +117,7 @@ def test_readme_quick_start_uses_the_shipped_injector_and_repeats_its_verdict(tm
     r = subprocess.run([sys.executable, 'sample.py', '--w', '0', '0.1', '--num_per_class', '2', '--out_dir', str(tmp_path)],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    val = torch.load(models.TINY_DIR / models.TINY_FILES['injector'], weights_only=True)['meta']['validation']
+    val = models.read_injector_meta(models.TINY_DIR / models.TINY_FILES['injector'])['validation']
     lines = [l for l in (r.stdout + r.stderr).splitlines() if 'validation' in l]
     assert len(lines) == 1 and f'{val["FID_w0"]:.2f} -> {val["rows"][0]["FID"]:.2f}' in lines[0]
     assert ('did NOT help' in lines[0]) == (val['verdict'] != 'helps')

@@ -99,7 +99,7 @@ def test_resume_is_exact(tmp_path):
     assert a['step'] == b['step'] == 4
     for part in ('injector', 'disc_heads'):
         assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
-    inj, meta = models.load_injector(tmp_path / 'b' / 'injector.pt', ti.build_everything(ti.resolve_args(FAST), 'cpu')[1])
+    inj, meta = models.load_injector(tmp_path / 'b' / 'injector.safetensors', ti.build_everything(ti.resolve_args(FAST), 'cpu')[1])
     assert meta['inject'] == 'input' and meta['step'] == 4 and meta['w_train'] == models.PRESETS['tiny']['w_train']
 
 
@@ -129,17 +129,41 @@ def test_missing_or_empty_data_path(tmp_path):
         ti.main(['--depth', '16', '--data_path', str(tmp_path)])
 
 
+# train_injector.main run under accelerate, then every rank saves the weights it ended with (only rank 0 writes
+# last.pt and the injector file): the test compares the ranks itself instead of trusting the run's own checksum check
+RANK_DUMP = """import os, sys
+import torch
+sys.path.insert(0, {repo!r})
+import train_injector
+out = train_injector.main(sys.argv[1:])
+torch.save(dict(injector=out['injector'].state_dict(), disc_heads=out['D'].heads_state_dict()),
+           os.path.join({out!r}, 'rank%s.pt' % os.environ['RANK']))
+"""
+
+
 def test_accelerate_two_processes_agree(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    out = tmp_path / 'run'
+    script = tmp_path / 'run_and_dump.py'
+    script.write_text(RANK_DUMP.format(repo=str(REPO), out=str(out)))
     # on CPU, accelerate's --cpu launcher needs MPI for several processes; --multi_gpu uses torchrun, which works
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
-           '--mixed_precision', 'no', '--dynamo_backend', 'no', str(REPO / 'train_injector.py'),
-           *FAST, '--max_steps', '2', '--ckpt_every', '2', '--out_dir', str(tmp_path)]
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', str(script),
+           *FAST, '--max_steps', '2', '--ckpt_every', '2', '--out_dir', str(out)]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    ck = torch.load(tmp_path / 'last.pt', weights_only=False)
-    assert ck['world'] == 2 and ck['step'] == 2  # save_checkpoint gathers a weight checksum per rank and aborts on a mismatch
-    assert len((tmp_path / 'log.jsonl').read_text().splitlines()) == 2
+    ck = torch.load(out / 'last.pt', weights_only=False)
+    assert ck['world'] == 2 and ck['step'] == 2
+    assert len((out / 'log.jsonl').read_text().splitlines()) == 2
+    ranks = [torch.load(out / f'rank{i}.pt', weights_only=True) for i in (0, 1)]
+    _, _, D0, G0 = ti.build_everything(ti.resolve_args(FAST), 'cpu')  # the weights every rank started from
+    for part, init in (('injector', G0.state_dict()), ('disc_heads', D0.heads_state_dict())):
+        a, b, saved = ranks[0][part], ranks[1][part], ck[part]
+        assert a.keys() == b.keys() == saved.keys() == init.keys(), part
+        assert all(torch.equal(a[k], b[k]) for k in a), part  # the two ranks hold the same weights...
+        assert all(torch.equal(a[k], saved[k]) for k in a), part  # ...which are the checkpoint's
+        assert any(not torch.equal(a[k], init[k]) for k in a), part  # and they trained: agreeing is not trivial
+    assert ranks[0]['injector']['proj_out.weight'].abs().sum() > 0  # zero at init
 
 
 @pytest.mark.parametrize('space', ['rgb', 'latent'])
@@ -193,17 +217,17 @@ def test_small_guidance_survives_bf16_autocast(parts, where):
 
 
 def test_training_ends_with_a_verdict_in_the_run_folder_and_the_injector(tmp_path, capsys):
-    """--val_at ckpt: a verdict at every checkpoint, the last one in injector.pt's metadata, the best kept; the
+    """--val_at ckpt: a verdict at every checkpoint, the last one in injector.safetensors' metadata, the best kept; the
     lower-variance estimator, several draws and CFG fakes run through the same step."""
     ti.main(FAST + ['--max_steps', '2', '--ckpt_every', '1', '--val_n', '20', '--val_at', 'ckpt', '--decode', 'rao',
                     '--g_draws', '2', '--fake_cfg', '1.5', '--out_dir', str(tmp_path)])
     out = capsys.readouterr().out + capsys.readouterr().err
     val = json.loads((tmp_path / 'validation.json').read_text())
     assert [v['step'] for v in val['history']] == [1, 2] and val['last']['step'] == 2
-    meta = torch.load(tmp_path / 'injector.pt', weights_only=True)['meta']
+    meta = models.read_injector_meta(tmp_path / 'injector.safetensors')
     assert meta['validation'] == val['last'] and meta['g_draws'] == 2 and meta['fake_cfg'] == 1.5
     assert meta['validation']['verdict'] in ('helps', 'harms', 'no measurable effect')
-    best = torch.load(tmp_path / 'injector_best.pt', weights_only=True)['meta']['validation']
+    best = models.read_injector_meta(tmp_path / 'injector_best.safetensors')['validation']
     assert best['step'] == val['best_step'] and 'best validated weights' in out
     rows = [json.loads(l) for l in (tmp_path / 'log.jsonl').read_text().splitlines()]
     assert all(math.isfinite(r['loss_adv']) and math.isfinite(r['loss_D']) for r in rows)
@@ -215,3 +239,28 @@ def test_bad_estimator_and_validation_flags_are_one_line(tmp_path):
             ti.main(FAST + ['--max_steps', '1', '--out_dir', str(tmp_path), *bad])
     with pytest.raises(SystemExit, match='needs --val_ref'):
         ti.resolve_args(['--depth', '16', '--val_n', '10'])
+
+
+def test_config_json_repeats_a_run_and_given_flags_win(tmp_path):
+    """--config runs/x/config.json: the run's own flags (here non-defaults: rollout context, R1) come back, so the repeat
+    logs the same losses; a flag given on the command line wins; a file that is no config is one line."""
+    ti.main(FAST + ['--max_steps', '2', '--context', 'rollout', '--r1_gamma', '0.2', '--r1_every', '1',
+                    '--out_dir', str(tmp_path / 'a')])
+    cfg = str(tmp_path / 'a' / 'config.json')
+    ti.main(['--config', cfg, '--out_dir', str(tmp_path / 'b')])
+    assert _losses(tmp_path / 'a' / 'log.jsonl') == _losses(tmp_path / 'b' / 'log.jsonl')
+    args = ti.resolve_args(['--config', cfg, '--out_dir', str(tmp_path / 'c'), '--lr_g', '0.5'])
+    assert args.lr_g == 0.5 and args.context == 'rollout' and args.r1_gamma == 0.2 and args.max_steps == 2
+    (tmp_path / 'x.json').write_text('{"step": 3}')
+    with pytest.raises(SystemExit, match='not a train_injector.py config.json'):
+        ti.resolve_args(['--config', str(tmp_path / 'x.json')])
+
+
+def test_loader_workers_default_to_the_cores_per_local_process(monkeypatch):
+    monkeypatch.setattr(ti.os, 'sched_getaffinity', lambda pid: set(range(12)), raising=False)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
+    assert ti.loader_workers(None) == 3 and ti.loader_workers(0) == 0
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')
+    assert ti.loader_workers(None) == 8  # at most 8
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '16')
+    assert ti.loader_workers(None) == 1
