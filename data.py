@@ -347,6 +347,12 @@ def save_npz(path, arrays: dict, arr_0_parts=None):
                 np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
 
 
+def first_line(e: Exception) -> str:
+    """'TypeName: the first line of the message' (at most 200 characters) of an exception, for one-line errors."""
+    text = str(e).strip()
+    return f'{type(e).__name__}: {text.splitlines()[0][:200]}' if text else type(e).__name__
+
+
 def refuse(path, reason: str):
     """A bad input file: one-line SystemExit naming it."""
     raise SystemExit(f'{path}: {reason}')
@@ -402,7 +408,7 @@ def _np_load_member(path, name) -> np.ndarray:
         with np.load(path, allow_pickle=False) as f:
             return f[name]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        refuse(path, f'{name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+        refuse(path, f'{name} cannot be read ({first_line(e)}); '
                     f'the file is truncated or corrupt')
 
 
@@ -429,7 +435,7 @@ def npz_header(path, name: str) -> tuple:
                 return arr.shape, arr.dtype
             shape, _, dtype = read_header[version](f)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        refuse(path, f'{name}.npy has an unreadable header ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})')
+        refuse(path, f'{name}.npy has an unreadable header ({first_line(e)})')
     return tuple(shape), dtype
 
 

@@ -561,16 +561,16 @@ def hub_offline() -> bool:
 HUB_CHECK_TIMEOUT = 3.0  # seconds; huggingface_hub itself retries 5 times with back-off (~25 s offline)
 
 
-def hub_unreachable() -> Optional[str]:
-    """None if the Hugging Face hub (or the HTTPS proxy in use) accepts a TCP connection within HUB_CHECK_TIMEOUT
-    seconds, else why not. Run before hf_hub_download, so an offline machine without HF_HUB_OFFLINE=1 fails in
-    seconds instead of after the hub client's retries."""
+def hub_unreachable(url: Optional[str] = None) -> Optional[str]:
+    """None if the host of url (default: the Hugging Face hub), or the HTTPS proxy in use, accepts a TCP connection
+    within HUB_CHECK_TIMEOUT seconds, else why not. Run before every download, so an offline machine without
+    HF_HUB_OFFLINE=1 fails in seconds instead of after the download client's retries."""
     import socket
     import threading
     from urllib.parse import urlsplit
     from huggingface_hub import constants
     proxy = next((os.environ[k] for k in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy') if os.environ.get(k)), None)
-    url = urlsplit(proxy if proxy else constants.ENDPOINT)
+    url = urlsplit(proxy if proxy else url or constants.ENDPOINT)
     host, port = url.hostname, url.port or (80 if url.scheme == 'http' else 443)
     result = {}
 
@@ -625,7 +625,7 @@ def load_state_dict_file(path) -> dict:
         sd = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated zip, pickle garbage, wrong format: all mean "not a usable checkpoint"
         raise SystemExit(f'{path} ({path.stat().st_size:,} bytes) is not a readable PyTorch checkpoint: '
-                         f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}. The file is probably truncated '
+                         f'{data.first_line(e)}. The file is probably truncated '
                          f'or corrupt (an interrupted download?); delete it and fetch it again.') from e
     if isinstance(sd, dict) and 'trainer' in sd and isinstance(sd['trainer'], dict) and 'var_wo_ddp' in sd['trainer']:
         sd = sd['trainer']['var_wo_ddp']  # the official training checkpoint (ar-ckpt-*.pth)
@@ -1057,13 +1057,16 @@ def load_fid_inception(ckpt_dir='checkpoints', device='cpu') -> FIDInceptionV3:
         if hub_offline():
             raise SystemExit(f'Checkpoint {FID_WEIGHTS_NAME} (FID / IS / precision-recall) was not found at {path}, '
                              f'and HF_HUB_OFFLINE is set so it cannot be downloaded. To get it: {how}.')
+        why = hub_unreachable(FID_WEIGHTS_URL)
+        if why:
+            raise SystemExit(f'Checkpoint {FID_WEIGHTS_NAME} was not found at {path}, and it cannot be downloaded: {why} '
+                             f'(offline? set HF_HUB_OFFLINE=1). To get it: {how}.')
         try:
             with data.atomic_path(path) as tmp:
                 torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(tmp), progress=True)
         except Exception as e:  # network / disk errors end in the same actionable message, with their cause
-            cause = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
             raise SystemExit(f'Checkpoint {FID_WEIGHTS_NAME} was not found at {path} and downloading it failed '
-                             f'({cause}). To get it: {how}.') from None
+                             f'({data.first_line(e)}). To get it: {how}.') from None
     model = FIDInceptionV3()
     try:
         sd, own = load_state_dict_file(path), model.state_dict()

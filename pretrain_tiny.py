@@ -307,9 +307,8 @@ def train_vae(out_dir, tr_img, va_img):
 
 @torch.no_grad()
 def tokenize(vae, img_u8, bs=500):
-    """All images -> tokens (N, L) int64, scales concatenated."""
-    return torch.cat([torch.cat(vae.img_to_idxBl(data.to_signed(img_u8[i:i + bs])), dim=1)
-                      for i in data.progress(range(0, len(img_u8), bs), desc='tokenise', file=sys.stdout)])
+    """All images (N, H, W, 3) uint8 tensor -> tokens (N, L) int64, scales concatenated."""
+    return torch.from_numpy(models.encode_tokens(vae, img_u8.numpy(), batch_size=bs))
 
 
 def cached_tokens(out_dir, vae, vae_sha, tr_img, va_img):
@@ -433,8 +432,7 @@ def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
 @torch.no_grad()
 def featnet_acc(net, x_B3HW, lab_B, bs=250):
     net.eval()
-    pred = torch.cat([net(models.vit_normalize(net, x_B3HW[i:i + bs].add(1).div(2))).argmax(-1)
-                      for i in range(0, len(x_B3HW), bs)])
+    pred = torch.cat([models.vit_cls(net, x_B3HW[i:i + bs])[1].argmax(-1) for i in range(0, len(x_B3HW), bs)])
     return (pred == lab_B).float().mean().item()
 
 

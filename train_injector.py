@@ -42,7 +42,6 @@ p.add_argument('--context', choices=['teacher', 'rollout'], default=None,
                help='prefix tokens of the guided scale: ground truth (teacher) or sampled by the VAR + injector (rollout)')
 p.add_argument('--decode', choices=list(soft_decode.MODES), default=None,
                help='relaxation of the guided scale for D: probabilities, Gumbel-softmax or straight-through (soft_decode.py)')
-p.add_argument('--tau', type=float, default=1.0, help='softmax / Gumbel temperature of the relaxed decode')
 p.add_argument('--rao_k', type=int, default=16, help='--decode rao: conditional Gumbel draws averaged per token')
 p.add_argument('--g_draws', type=int, default=None, help='relaxed samples of the guided scale per image in the injector '
                'loss, sharing one VAR pass (1: the paper; the loss is their mean)')
@@ -110,6 +109,7 @@ p.add_argument('--report_to', choices=['none', 'tensorboard', 'wandb'], default=
 models.show_defaults(p)  # flags left at None take models.PRESETS' value (resolve_args)
 
 GRID_CLASSES_IMAGENET = (207, 360, 387, 974, 88, 979, 417, 279)  # the VAR demo's classes
+TAU = 1.0  # softmax / Gumbel temperature of the relaxed decode (the paper's; no experiment here varied it)
 RUN_FILES = ('last.pt', 'injector.safetensors', 'injector.pt')  # what an earlier run leaves in its out_dir (and a fresh start would overwrite)
 RESUME_KEYS = ('injector', 'disc_heads', 'opt_g', 'opt_d', 'step', 'args')
 RESUME_MUST_MATCH = ('depth', 'inject', 'context', 'decode', 'broadcast', 'global_batch_size', 'seed', 'disc_norm', 'disc_aug',
@@ -159,7 +159,7 @@ def read_config(path) -> dict:
     try:
         cfg = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise SystemExit(f'--config {path}: not a readable config.json ({_first_line(e)})') from None
+        raise SystemExit(f'--config {path}: not a readable config.json ({data.first_line(e)})') from None
     if not isinstance(cfg, dict) or 'global_batch_size' not in cfg:
         raise SystemExit(f'--config {path}: not a train_injector.py config.json (no global_batch_size)')
     flags = {a.dest for a in p._actions} - {'help', 'resume', 'config'}
@@ -185,7 +185,7 @@ def build_everything(args, device):
         try:
             ck = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as e:  # truncated, garbage, a pickle of something else
-            raise SystemExit(f'--disc_ckpt {path} is not a readable torch file ({_first_line(e)}).') from None
+            raise SystemExit(f'--disc_ckpt {path} is not a readable torch file ({data.first_line(e)}).') from None
         if not (isinstance(ck, dict) and isinstance(ck.get('disc_heads'), dict)):
             raise SystemExit(f'--disc_ckpt {path} holds no D heads (keys {sorted(map(str, ck))[:6] if isinstance(ck, dict) else type(ck).__name__}); '
                              f'give the disc_heads_rgb.pt that train_disc_probe.py --space rgb writes.')
@@ -199,7 +199,7 @@ def build_everything(args, device):
         try:
             D.load_heads_state_dict(ck['disc_heads'])
         except RuntimeError as e:  # heads of another backbone or preset
-            raise SystemExit(f'--disc_ckpt {path}: its heads do not fit this D ({_first_line(e)}).') from None
+            raise SystemExit(f'--disc_ckpt {path}: its heads do not fit this D ({data.first_line(e)}).') from None
     injector = models.GuidanceInjector(var.C, var.patch_nums, broadcast=args.broadcast).to(device)
     return vae, var, D, injector
 
@@ -354,7 +354,7 @@ def train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, ar
         if use_d:
             scales = None if args.disc_scales == 'all' else torch.randint(1, SN, (per_device,), device=device)
             fake, real, labs = soft_decode.disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, args.decode,
-                                                       args.tau, real_probs, args.rao_k)
+                                                       TAU, real_probs, args.rao_k)
             # --- D step on real vs the current fakes
             D.requires_grad_(True)
             out_real, out_fake = D(real, labs), D(fake.detach(), labs)
@@ -388,7 +388,7 @@ def train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, ar
     D.requires_grad_(False)
     with accelerator.autocast():
         if use_d and args.g_draws > 1:  # more relaxed samples of the same logits: a lower-variance gradient
-            more, more_labs = soft_decode.disc_fakes(var, logits_BLV, ctx_idx, labels_B, scales, args.decode, args.tau,
+            more, more_labs = soft_decode.disc_fakes(var, logits_BLV, ctx_idx, labels_B, scales, args.decode, TAU,
                                                      args.g_draws - 1, args.rao_k)
             fake, labs = torch.cat([fake, more]), torch.cat([labs, more_labs])
         loss_adv = -D(fake, labs).mean() if use_d else zero
@@ -414,7 +414,7 @@ def real_temperatures(args, dataset, var, device, log=print, n=64):
     n = min(n, len(dataset))  # a small debugging folder calibrates on what it has
     log(f'[AID-VAR] matching the soft reals\' temperatures to the VAR on {n} training images (one teacher-forced pass)')
     img_B3HW, labels_B = next(data.epoch_batches(dataset, 0, 0, n, 0, 1, args.seed, 0))
-    temps = soft_decode.matched_real_temperatures(var, img_B3HW.to(device).float(), labels_B.to(device), args.tau,
+    temps = soft_decode.matched_real_temperatures(var, img_B3HW.to(device).float(), labels_B.to(device), TAU,
                                                   args.real_match)
     return [round(t, 6) for t in temps]
 
@@ -496,11 +496,6 @@ def decide_resume(args, out_dir: Path, accelerator):
     return None if value is None else Path(value)
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return f'{type(e).__name__}: {text.splitlines()[0][:200]}' if text else type(e).__name__
-
-
 def read_resume(path: Path, args) -> dict:
     """A train_injector.py checkpoint, checked to be one and to fit this run's settings (else one-line SystemExit)."""
     if path.suffix == '.safetensors':
@@ -510,7 +505,7 @@ def read_resume(path: Path, args) -> dict:
         ck = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated zip, garbage, a pickle of something else
         raise SystemExit(f'[AID-VAR] --resume {path} ({path.stat().st_size:,} bytes) is not a readable checkpoint '
-                         f'({_first_line(e)}): it is truncated or not a torch file. Give the last.pt of a run.') from None
+                         f'({data.first_line(e)}): it is truncated or not a torch file. Give the last.pt of a run.') from None
     is_dict = isinstance(ck, dict)
     if not (is_dict and all(k in ck for k in RESUME_KEYS) and isinstance(ck['args'], dict)):
         if is_dict and 'meta' in ck and 'state_dict' in ck:
@@ -535,7 +530,7 @@ def apply_resume(ck, path, injector, D, opt_g, opt_d) -> int:
         try:
             load(ck[what])
         except Exception as e:  # shapes / keys of another model
-            raise SystemExit(f'[AID-VAR] --resume {path}: its {what} does not fit this run ({_first_line(e)}).') from None
+            raise SystemExit(f'[AID-VAR] --resume {path}: its {what} does not fit this run ({data.first_line(e)}).') from None
     return int(ck['step'])
 
 

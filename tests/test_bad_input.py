@@ -241,6 +241,26 @@ def test_hub_check_gives_up_after_its_timeout(monkeypatch):
     assert time.perf_counter() - t0 < 1.5 and 'no answer within 0.2 s' in why
 
 
+def test_fid_inception_download_checks_its_host_first(tmp_path, monkeypatch):
+    """Not offline by the flag but unreachable: one line in about the check's timeout, naming the URL's host, without
+    starting the download (whose client would retry)."""
+    import socket
+    asked = []
+
+    def refused(address, *a, **kw):
+        asked.append(address)
+        raise OSError('Network is unreachable')
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    for k in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy'):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(socket, 'create_connection', refused)
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', lambda *a, **kw: pytest.fail('download started'))
+    with pytest.raises(SystemExit) as e:
+        models.load_fid_inception(tmp_path)
+    msg = _one_line(e)
+    assert asked == [('github.com', 443)] and 'cannot be downloaded' in msg and 'HF_HUB_OFFLINE=1' in msg
+
+
 # ----------------------------------------------------------------------------- nothing replaced without a word
 
 def test_resume_with_other_settings_says_what_changed(run_dir, tmp_path, capsys):
