@@ -114,8 +114,8 @@ def main():
         'untrained_random': (out / 'untrained_random', args.release_w, s0, ('--injector', str(inj_rand))),
         'trained_w_train': (out / 'trained', trained_meta['w_train'], s0, ('--injector', args.injector)),
     })
-    if val.get('validated_w'):  # a validated w of 0 is the w = 0 file itself (w = 0 never calls the injector)
-        jobs['trained_validated'] = (out / 'trained', val['validated_w'], s0, ('--injector', args.injector))
+    if val.get('validated_w') not in (None, 0.0, trained_meta['w_train']):  # 0: the w = 0 file itself; w_train: above
+        jobs['trained_validated'] = (out / 'trained_validated', val['validated_w'], s0, ('--injector', args.injector))
     with ThreadPoolExecutor(args.jobs) as ex:
         npz = dict(zip(jobs, ex.map(lambda j: sample(j[0], j[1], j[2], n, j[3]), jobs.values())))
     t_sample = time.time() - t0
