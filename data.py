@@ -358,6 +358,9 @@ def refuse(path, reason: str):
     raise SystemExit(f'{path}: {reason}')
 
 
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
 def npz_array(path, name: str) -> np.ndarray:
     """One member of an npz file; memory-mapped when stored uncompressed (np.savez, sample.py), so a
     50k x 256 x 256 x 3 file is read batch by batch. Compressed members are loaded whole."""
@@ -381,11 +384,10 @@ def npz_array(path, name: str) -> np.ndarray:
             version = np.lib.format.read_magic(fh)
         except ValueError as e:
             refuse(path, f'{name}.npy is not a .npy array ({e})')
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in read_header:
+        if version not in NPY_HEADER_READERS:
             return _np_load_member(path, name)
         try:
-            shape, fortran, dtype = read_header[version](fh)
+            shape, fortran, dtype = NPY_HEADER_READERS[version](fh)
         except ValueError as e:
             refuse(path, f'{name}.npy has an unreadable header ({e})')
         offset = fh.tell()
@@ -429,11 +431,10 @@ def npz_header(path, name: str) -> tuple:
     try:
         with zipfile.ZipFile(path) as zf, zf.open(f'{name}.npy') as f:
             version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            if version not in read_header:  # rare (.npy 3.0): read the member itself
+            if version not in NPY_HEADER_READERS:  # rare (.npy 3.0): read the member itself
                 arr = _np_load_member(path, name)
                 return arr.shape, arr.dtype
-            shape, _, dtype = read_header[version](f)
+            shape, _, dtype = NPY_HEADER_READERS[version](f)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         refuse(path, f'{name}.npy has an unreadable header ({first_line(e)})')
     return tuple(shape), dtype

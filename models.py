@@ -906,11 +906,11 @@ def _read_injector_file(path):
     with open(path, 'rb') as f:
         torch_file = f.read(2) in (b'PK', b'\x80\x02')  # torch.save's zip or legacy pickle; else safetensors
     if not torch_file:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         try:
             with safe_open(str(path), framework='pt') as f:
                 md, sd = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # truncated or not safetensors: say so instead of a Rust error
+        except (SafetensorError, OSError) as e:  # truncated or not safetensors: say so instead of a Rust error
             raise SystemExit(f'{path} is not a readable safetensors file ({type(e).__name__}); it is probably truncated.') from e
         if md.get('format') != INJECTOR_FORMAT or 'aid_var_meta' not in md:
             raise SystemExit(f'{path} is not an AID-VAR injector file (safetensors without its metadata: '

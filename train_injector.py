@@ -578,7 +578,8 @@ def main(argv=None):
 
     with accelerator.main_process_first():  # downloads (checkpoints, DINO) happen once, the other ranks then read the cache
         vae, var, D, injector = build_everything(args, device)
-    var_sha256 = models.weights_sha256(var)  # into the injector's metadata: sample.py warns when used on another VAR
+    # into the injector's metadata (sample.py warns when used on another VAR); only the main process writes it
+    var_sha256 = models.weights_sha256(var) if accelerator.is_main_process else None
     real_temps = real_temperatures(args, dataset, var, device, accelerator.print)
     opt_g = torch.optim.AdamW(injector.parameters(), lr=args.lr_g, betas=(0.9, 0.999), weight_decay=1e-5)
     opt_d = torch.optim.AdamW(D.head_parameters(), lr=args.lr_d, betas=(0.9, 0.999), weight_decay=1e-5)
