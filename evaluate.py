@@ -13,13 +13,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import scipy.special
 import torch
 
+import checkpoints
 import data
+import features
 import iscs
 import models
 
@@ -62,19 +65,19 @@ def main(argv=None):
     # flags, headers and the small members of every file first: nothing is inflated before a check could refuse it
     samples = [(path, data.load_samples(path, images=False)) for path in args.samples]
     preset = check_samples(samples, args)
-    if args.ref is None and preset['name'] != 'tiny':
+    if args.ref is None and not preset.tiny:
         raise SystemExit(f'--ref is required for real-model samples: the ADM reference batch '
                          f'VIRTUAL_imagenet256_labeled.npz ({ADM_REF_URL}), an npz of real images, or an image folder')
-    if args.ref == 'shapes' and preset['name'] != 'tiny':
-        raise SystemExit(f"--ref shapes is the tiny preset's reference (32x32); these samples are {preset['resolution']}x"
-                         f"{preset['resolution']}: pass the ADM reference batch, a real-image npz or a folder")
+    if args.ref == 'shapes' and not preset.tiny:
+        raise SystemExit(f"--ref shapes is the tiny preset's reference (32x32); these samples are {preset.resolution}x"
+                         f"{preset.resolution}: pass the ADM reference batch, a real-image npz or a folder")
     args.ref = 'shapes' if args.ref is None else args.ref
-    args.iscs_n = preset['iscs_n'] if args.iscs_n is None else args.iscs_n
+    args.iscs_n = preset.iscs_n if args.iscs_n is None else args.iscs_n
     for path, smp in samples:
         smp['images'] = data.npz_array(path, 'arr_0')
     ev = Evaluator(preset, args, device)
-    ref = data.load_reference(args.ref, preset['resolution'], args.ref_n)
-    print(f'[evaluate] {preset["name"]} preset{" (random networks)" if args.random_init else ""}, reference: '
+    ref = data.load_reference(args.ref, preset.resolution, args.ref_n)
+    print(f'[evaluate] {preset.name} preset{" (random networks)" if args.random_init else ""}, reference: '
           f'{ref["desc"]}, device {device}')
     ref_fid = ev.ref_fid(ref)
     if args.bootstrap and 'mu' not in ref_fid:
@@ -105,8 +108,8 @@ def main(argv=None):
 
 # ---------------------------------------- sample files: one preset, fit for it, paired for --bootstrap
 
-def check_samples(samples, args) -> dict:
-    """The models.PRESETS entry of the sample files; SystemExit for what would silently give wrong numbers."""
+def check_samples(samples, args):
+    """The preset of the sample files (models.resolve_preset); SystemExit for what would silently give wrong numbers."""
     def preset_name(smp):  # the npz `preset` key, else --depth, else the resolution
         if smp['preset'] is not None:
             return 'tiny' if smp['preset'] == 'tiny' else 'real'
@@ -115,12 +118,15 @@ def check_samples(samples, args) -> dict:
     names = {preset_name(smp) for _, smp in samples}
     if len(names) > 1:
         raise SystemExit('the sample files mix tiny-preset (32x32) and real-model samples; evaluate them separately')
-    preset = models.PRESETS[names.pop()]
+    tags = {smp['preset'] for _, smp in samples}
+    tag = tags.pop() if len(tags) == 1 else None
+    depth = int(tag[1:]) if tag and re.fullmatch(r'd\d+', tag) else args.depth
+    preset = models.resolve_preset(depth, names.pop())
     if args.bootstrap:
         if len(samples) < 2:
             raise SystemExit('--bootstrap compares files with the first one: give a baseline and at least one more file')
         check_paired(samples)
-    name, S, n_classes = preset['name'], preset['resolution'], preset['num_classes']
+    name, S, n_classes = preset.name, preset.resolution, preset.num_classes
     for path, smp in samples:
         if smp['shape'][1] != S:
             data.refuse(path, f'{smp["shape"][1]}x{smp["shape"][1]} images; the {name} preset evaluates '
@@ -154,56 +160,47 @@ def check_paired(samples) -> None:
 
 # ---------------------------------------- a preset's networks, the cached reference statistics, one file's metrics
 
-class Evaluator:
-    """FID / IS / precision-recall features from `fid_net` (tiny: the tiny feature network, CLS 128-d and 10-class
-    logits; real: FID InceptionV3, pool3 2048-d and 1008 no-bias logits); ISCS from the VQ-VAE and the preset's
-    feature network (models.build_feature_net), both loaded on first use."""
+# what each network's features are, for the json
+FEATURE_DESC = dict(featnet='tiny feature network CLS (pre-logits, 128-d); IS / class accuracy: its 10-class logits',
+                    inception='FID InceptionV3 pool3 (2048-d); IS: 1008 logits without fc bias',
+                    judge='the judge CNN (models.build_judge, trained apart from D\'s backbone): penultimate 128-d, 10-class logits')
+ISCS_DESC = dict(featnet='tiny feature network CLS', dino='DINO ViT-S/16 CLS (384-d)')
 
-    def __init__(self, preset: dict, args, device):
+
+class Evaluator:
+    """FID / IS / precision-recall features from the preset's fid_net (tiny: the tiny feature network, CLS 128-d and
+    10-class logits, and the judge beside it; real: FID InceptionV3, pool3 2048-d and 1008 no-bias logits); ISCS from
+    the VQ-VAE and the preset's feature network (checkpoints.load_feature_net), both loaded on first use."""
+
+    def __init__(self, preset, args, device):
         self.preset, self.args, self.device = preset, args, device
-        self.tiny = preset['name'] == 'tiny'
         self.cache_dir, self._vae, self._feat_net = Path(args.cache_dir), None, None
         torch.manual_seed(1)  # --random_init: the same random feature networks every run
-        self.judge = None
-        if self.tiny:  # the tiny feature network stands in for Inception; the judge is a network D never saw
-            self.fid_net = models.build_feature_net('tiny', pretrained=not args.random_init)
-            self.feat_desc = 'tiny feature network CLS (pre-logits, 128-d); IS / class accuracy: its 10-class logits'
-            self.judge = models.frozen(models.build_judge() if args.random_init else models.load_judge(), device)
-            self.judge_desc = 'the judge CNN (models.build_judge, trained apart from D\'s backbone): penultimate 128-d, 10-class logits'
-        else:
-            self.fid_net = models.FIDInceptionV3() if args.random_init else models.load_fid_inception(args.ckpt_dir, device)
-            self.feat_desc = 'FID InceptionV3 pool3 (2048-d); IS: 1008 logits without fc bias'
-        self.fid_net = models.frozen(self.fid_net, device)
+        self.fid_net = checkpoints.load_eval_net(preset.fid_net, args.random_init, args.ckpt_dir, device)
+        # tiny: the feature network is D's backbone; the judge is a network D never saw
+        self.judge = checkpoints.load_eval_net('judge', args.random_init, device=device) if preset.judge else None
 
     def features(self, images_NHWC_uint8, desc):
         """(feats (N, D), logits (N, K)) float64 of uint8 images on fid_net."""
-        if self.tiny:
-            f, lg = models.featnet_features(images_NHWC_uint8, self.fid_net, self.args.batch_size, self.device, desc=desc)
-        else:
-            f, lg = models.inception_features(images_NHWC_uint8, self.fid_net, self.args.batch_size, self.device)
-        if not (np.isfinite(f).all() and np.isfinite(lg).all()):
-            raise SystemExit(f'{desc}: the feature network produced NaN / inf features (broken weights?)')
-        return f, lg
+        return features.extract(self.preset.fid_net, images_NHWC_uint8, self.fid_net, self.args.batch_size, self.device,
+                                desc=desc)
 
     def judge_features(self, images_NHWC_uint8, desc):
-        f, lg = models.judge_features(images_NHWC_uint8, self.judge, device=self.device, desc=desc)
-        if not (np.isfinite(f).all() and np.isfinite(lg).all()):
-            raise SystemExit(f'{desc}: the judge network produced NaN / inf features (broken weights?)')
-        return f, lg
+        return features.extract('judge', images_NHWC_uint8, self.judge, 256, self.device, desc=desc)
 
     def vae(self):
         # random: the VQ-VAE of sample.py --random_init; real: the VQ-VAE alone (the VARs of every depth share it)
         if self._vae is None:
-            a, dev = self.args, self.device
-            self._vae = (models.build_random(None if self.tiny else 16, dev)[0] if a.random_init else
-                         models.load_tiny(dev)[0] if self.tiny else models.load_vae(a.ckpt_dir, dev))
+            a = self.args
+            self._vae = checkpoints.load_frozen(self.preset, a.ckpt_dir, self.device, a.random_init, vae_only=True)[0]
         return self._vae
 
     def feat_net(self):
         if self._feat_net is None:
             torch.manual_seed(1)
-            net = self.fid_net if self.tiny else \
-                models.build_feature_net('real', pretrained=not self.args.random_init, dino_ckpt=self.args.dino_ckpt)
+            same = self.preset.feature_net == self.preset.fid_net  # tiny: one network for both
+            net = self.fid_net if same else checkpoints.load_feature_net(self.preset, not self.args.random_init,
+                                                                         self.args.dino_ckpt)
             self._feat_net = models.frozen(net, self.device)
         return self._feat_net
 
@@ -228,7 +225,7 @@ class Evaluator:
             feats, _ = self.features(ref['images'], 'reference features')
             mu, sigma = iscs.feature_stats(feats)
             return dict(mu=mu, sigma=sigma, pr_feats=feats[fixed_subset(len(feats), self.args.pr_ref_n)])
-        key = (ref['hash'], fingerprint(self.fid_net), self.preset['resolution'], self.args.pr_ref_n)
+        key = (ref['hash'], fingerprint(self.fid_net), self.preset.resolution, self.args.pr_ref_n)
         out, hit = self.cached('fid', key, compute)
         if hit:
             print(f'[evaluate] reference features from the cache ({self.cache_dir})')
@@ -237,11 +234,11 @@ class Evaluator:
             def judge_stats():
                 mu, sigma = iscs.feature_stats(self.judge_features(ref['images'], 'reference judge features')[0])
                 return dict(mu=mu, sigma=sigma)
-            js, _ = self.cached('judge', (ref['hash'], fingerprint(self.judge), self.preset['resolution']), judge_stats)
+            js, _ = self.cached('judge', (ref['hash'], fingerprint(self.judge), self.preset.resolution), judge_stats)
             out['judge_mu'], out['judge_sigma'] = js['mu'], js['sigma']
         stored = ref['stats']
         if stored is not None:
-            if not self.tiny and stored['mu'].shape == (2048,) and stored['sigma'].shape == (2048, 2048):
+            if self.preset.fid_net == 'inception' and stored['mu'].shape == (2048,) and stored['sigma'].shape == (2048, 2048):
                 out['mu'], out['sigma'] = stored['mu'], stored['sigma']
                 out['stats_from'] = 'stored mu / sigma of the reference file (ADM convention)'
             else:
@@ -255,13 +252,13 @@ class Evaluator:
 
         def compute():
             sub = fixed_subset(len(ref['images']), a.iscs_n)
-            tokens = models.encode_tokens(vae, ref['images'][sub] if len(sub) < len(ref['images']) else ref['images'],
+            tokens = features.encode_tokens(vae, ref['images'][sub] if len(sub) < len(ref['images']) else ref['images'],
                                    a.batch_size, self.device)
-            feats = models.scale_features(vae, feat_net, tokens, self.preset['patch_nums'], a.batch_size, self.device,
+            feats = features.scale_features(vae, feat_net, tokens, self.preset.patch_nums, a.batch_size, self.device,
                                    desc='ISCS reference')
             stats = iscs.joint_stats(feats)
             return dict(mu=np.stack([m for m, _ in stats]), sigma=np.stack([s for _, s in stats]), n=np.array(len(sub)))
-        key = (ref['hash'], fingerprint(vae), fingerprint(feat_net), self.preset['resolution'], a.iscs_n)
+        key = (ref['hash'], fingerprint(vae), fingerprint(feat_net), self.preset.resolution, a.iscs_n)
         out, hit = self.cached('iscs', key, compute)
         if hit:
             print(f'[evaluate] ISCS reference statistics from the cache ({self.cache_dir})')
@@ -271,10 +268,10 @@ class Evaluator:
         """(the result dict, {'FID': (N, D) FID features of the samples[, 'FID_judge': the judge's]})."""
         a, warnings, skipped = self.args, [], {}
         images, n = smp['images'], len(smp['images'])
-        res = dict(samples=str(path), n=n, resolution=int(images.shape[1]), preset=self.preset['name'],
+        res = dict(samples=str(path), n=n, resolution=int(images.shape[1]), preset=self.preset.name,
                    sampling=smp['meta'], random_init=a.random_init,
                    reference=dict(spec=a.ref, desc=ref['desc'], sha256=ref['hash'][:16], fid_stats=ref_fid['stats_from']),
-                   features=dict(fid_is_pr=self.feat_desc), metrics={}, iscs=None, skipped=skipped, warnings=warnings,
+                   features=dict(fid_is_pr=FEATURE_DESC[self.preset.fid_net]), metrics={}, iscs=None, skipped=skipped, warnings=warnings,
                    settings=dict(is_splits=a.is_splits, is_shuffle_seed=0, pr_k=3, pr_ref_n=None, iscs_n=a.iscs_n,
                                  iscs_eps=iscs.FD_EPS))
         m, settings = res['metrics'], res['settings']
@@ -302,14 +299,14 @@ class Evaluator:
         else:
             m['precision'], m['recall'] = precision_recall(ref_fid['pr_feats'], feats, k=3, device=self.device)
             settings['pr_ref_n'] = len(ref_fid['pr_feats'])
-        if self.tiny and smp['labels'] is not None:  # the tiny feature network classifies the preset's classes
+        if self.preset.fid_net == 'featnet' and smp['labels'] is not None:  # it classifies the preset's classes
             m['class_acc'] = float(np.mean(logits.argmax(1) == smp['labels']))
         feats = dict(FID=feats)
         if 'judge_mu' in ref_fid:
             feats['FID_judge'], jlogits = self.judge_features(images, f'judge features {Path(path).name}')
             m['FID_judge'] = iscs.frechet_distance(*iscs.feature_stats(feats['FID_judge']), ref_fid['judge_mu'],
                                                    ref_fid['judge_sigma'])
-            res['features']['judge'] = self.judge_desc
+            res['features']['judge'] = FEATURE_DESC['judge']
             if smp['labels'] is not None:
                 m['class_acc_judge'] = float(np.mean(jlogits.argmax(1) == smp['labels']))
         m['ISCS'] = None
@@ -320,7 +317,7 @@ class Evaluator:
         ref_stats, n_real = self.ref_iscs(ref)
         sub = fixed_subset(n, a.iscs_n)
         tokens = smp['tokens'] if len(sub) == n else smp['tokens'][sub]
-        gen = models.scale_features(self.vae(), self.feat_net(), tokens, self.preset['patch_nums'], a.batch_size, self.device,
+        gen = features.scale_features(self.vae(), self.feat_net(), tokens, self.preset.patch_nums, a.batch_size, self.device,
                              desc=f'ISCS {Path(path).name}')
         out = iscs.iscs_from_stats(ref_stats, iscs.joint_stats(gen))
         dj = 2 * gen.shape[2]
@@ -332,7 +329,7 @@ class Evaluator:
                             f'{1 / iscs.FD_EPS:g} (generated and real sets practically identical?)')
         m['ISCS'] = out['ISCS']
         res['iscs'] = dict(out, n_gen=len(sub), n_real=n_real)
-        res['features']['iscs'] = ('tiny feature network CLS' if self.tiny else 'DINO ViT-S/16 CLS (384-d)') + \
+        res['features']['iscs'] = ISCS_DESC[self.preset.feature_net] + \
             ', L2-normalised; images decoded from token prefixes through the VQ-VAE'
         return res, feats
 
@@ -342,7 +339,7 @@ class Evaluator:
         tok, n = smp['tokens'], len(smp['images'])  # the resolution is checked by check_samples
         if tok is None:
             return "the file has no 'tokens' (per-scale token maps, written by sample.py); the other metrics are unaffected"
-        L, V = sum(pn * pn for pn in self.preset['patch_nums']), self.preset['V']
+        L, V = sum(pn * pn for pn in self.preset.patch_nums), self.preset.V
         if tok.ndim != 2 or tok.shape != (n, L) or not np.issubdtype(tok.dtype, np.integer):
             return f'tokens have shape {tuple(tok.shape)} / dtype {tok.dtype}; this preset needs ({n}, {L}) integers'
         lo, hi = int(np.min(tok)), int(np.max(tok))
@@ -354,8 +351,8 @@ class Evaluator:
 
 
 def fingerprint(module: torch.nn.Module) -> str:
-    """16 hex of models.weights_sha256: part of every cache key, so new weights never reuse old features."""
-    return models.weights_sha256(module)[:16]
+    """16 hex of checkpoints.weights_sha256: part of every cache key, so new weights never reuse old features."""
+    return checkpoints.weights_sha256(module)[:16]
 
 
 def fixed_subset(n: int, m, seed=0) -> np.ndarray:
@@ -393,7 +390,7 @@ def inception_score_per_split(logits_NK, splits: int = 10, shuffle_seed: int | N
 
 def inception_score(logits_NK, splits: int = 10, shuffle_seed: int | None = 0) -> tuple[float, float]:
     """Inception Score (improved-GAN / ADM definition): (mean, std with ddof 0) over chunks of the per-chunk
-    exp(mean KL(p || mean p)), p = softmax of (N, K) logits (ADM parity: models.inception_features' no-bias logits), chunks
+    exp(mean KL(p || mean p)), p = softmax of (N, K) logits (ADM parity: features.inception_features' no-bias logits), chunks
     [i*N//splits, (i+1)*N//splits). shuffle_seed: rows first permuted with np.random.default_rng(seed), since sample
     files are often class-ordered and chunks of few classes collapse IS; None: file order (the fixture's numbers)."""
     scores = inception_score_per_split(logits_NK, splits, shuffle_seed)

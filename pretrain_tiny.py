@@ -1,22 +1,24 @@
-"""Pretrain the tiny preset from scratch on the shapes data: VQ-VAE, then VAR and feature network, then the judge.
+"""Pretrain the tiny preset from scratch on the shapes data: the VQ-VAE, the VAR, the feature network, the judge.
 
-Writes into --out_dir (a run folder; the shipped weights/ only through --ship): tiny_vae.pt (multi-scale VQ-VAE), tiny_var.pt (class-conditional VAR, EMA
-weights), tiny_featnet.pt (a small ViT classifier, the tiny preset's DINO / Inception stand-in), pretrain_*.png for
-a look, and MANIFEST.json (sha256, size, command, seeds, metrics, wall time per file); weights are fp16 state_dicts.
---stage judge trains the judge (tiny_judge.pt: a CNN classifier trained apart from the feature network, the network
-every method decision on the tiny preset is read on).
---stage runs one stage (a later one loads the earlier ones' files); --resume continues bit-identically from
+Writes into --out_dir (a run folder; the shipped weights/ only through --ship): tiny_vae.pt (multi-scale VQ-VAE),
+tiny_var.pt (class-conditional VAR, EMA weights), tiny_featnet.pt (a small ViT classifier, the tiny preset's DINO /
+Inception stand-in), tiny_judge.pt (a CNN classifier trained apart from the feature network, the network every method
+decision on the tiny preset is read on), pretrain_*.png for a look, and MANIFEST.json (sha256, size, command, seeds,
+metrics, wall time per file); weights are fp16 state_dicts. --stage all trains the four in turn, --stage X one (a
+later one loads the earlier ones' files); the feature network needs neither VQ-VAE nor VAR, so a second shell may run
+--stage featnet on the same --out_dir beside --stage vae, then var. --resume continues bit-identically from
 out_dir/resume_<stage>.pt, --stop_after N ends a session. Recipe, pilots and costs: docs/pretrain_tiny.md.
 
     python pretrain_tiny.py                                  # everything, into runs/pretrain_tiny
     python pretrain_tiny.py --stage judge --ship             # the judge, then copied into weights/ (+ MANIFEST)
-    python pretrain_tiny.py --out_dir runs/tiny_v2 --serial [--resume]   # on one core
+    python pretrain_tiny.py --out_dir runs/tiny_v2 [--resume]      # another run folder
 """
 import argparse
+import fcntl
 import json
 import math
+import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,17 +27,19 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
+import checkpoints
 import data
+import features
 import iscs
 import models
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
 parser.add_argument('--stage', default='all', choices=['all', 'vae', 'var', 'featnet', 'judge'],
-                    help='what to train: all = VQ-VAE, then the VAR on its tokens beside the feature network, then the judge')
+                    help='what to train: all = VQ-VAE, VAR on its tokens, feature network, judge, one after another')
 parser.add_argument('--preset', default=models.TINY_PRESET, choices=sorted(models.TINY_PRESETS),
                     help='architecture (models.TINY_PRESETS); default: the one weights/ holds')
 parser.add_argument('--out_dir', default='runs/pretrain_tiny', help='run folder (never the shipped weights/: see --ship)')
-parser.add_argument('--ship', action='store_true', help=f'at the end, copy the files this run trained into {models.TINY_DIR} '
+parser.add_argument('--ship', action='store_true', help=f'at the end, copy the files this run trained into {checkpoints.TINY_DIR} '
                     '(replacing the shipped ones) and merge their MANIFEST.json entries')
 parser.add_argument('--resume', action='store_true',
                     help='continue each stage from out_dir/resume_<stage>.pt; stages that finished are skipped')
@@ -48,7 +52,7 @@ parser.add_argument('--train_seed', type=int, default=0, help='make_shapes seed 
 parser.add_argument('--val_seed', type=int, default=1, help='make_shapes seed of the held-out images')
 parser.add_argument('--seed', type=int, default=0, help='torch seed (init, batches, code re-seeding)')
 # 1 thread by default: on 2 shared cores, 2 OpenMP threads spin against the other jobs and ran 8x slower (measured)
-parser.add_argument('--threads', type=int, default=1, help='torch threads of each process')
+parser.add_argument('--threads', type=int, default=1, help='torch threads')
 # VQ-VAE
 parser.add_argument('--vae_steps', type=int, default=3500, help='VQ-VAE training steps')
 parser.add_argument('--vae_bs', type=int, default=16, help='VQ-VAE batch size')
@@ -85,30 +89,30 @@ parser.add_argument('--judge_bs', type=int, default=128, help='judge batch size'
 parser.add_argument('--judge_lr', type=float, default=2e-3, help='judge peak learning rate')
 parser.add_argument('--judge_n_train', type=int, default=30000, help='judge training images (make_shapes(n, judge_data_seed))')
 parser.add_argument('--judge_data_seed', type=int, default=5, help="its training shapes' seed (not --train_seed)")
-parser.add_argument('--serial', action='store_true', help='--stage all: featnet after the VAR, not alongside')
-parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)  # the parallel featnet process
 models.show_defaults(parser)  # every --help line ends with its default
-args = parser.parse_args()
-DATA_INFO = dict(train_images=args.n_train, train_seed=args.train_seed, val_images=args.n_val, val_seed=args.val_seed,
-                 torch_seed=args.seed)  # every stage's MANIFEST.json entry
 
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers: schedule, data, shipped files, manifest
 
-def set_lr(opt, step, total, peak):
-    """Linear warm-up then cosine decay to 1% of the peak."""
-    warm = max(1, int(args.warmup * total))
+def set_lr(opt, step, total, peak, warmup):
+    """Linear warm-up (the first warmup fraction of total steps) then cosine decay to 1% of the peak."""
+    warm = max(1, int(warmup * total))
     t = (step - warm) / max(1, total - warm)
     for g in opt.param_groups:
         g['lr'] = peak * (step + 1) / warm if step < warm else peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def batch_ids(step, n, bs):
-    """The minibatch of a step: every epoch is a permutation from its own seed, so no iterator state is needed."""
+def batch_ids(step, n, bs, seed):
+    """The minibatch of a step, (bs,) ids in [0, n): each epoch is a permutation of its own seed (no iterator state)."""
     epoch, i = divmod(step, n // bs)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return perm[i * bs:(i + 1) * bs]
+
+
+def data_info(args, **override):  # the data and seeds of every stage's MANIFEST.json entry
+    return dict(train_images=args.n_train, train_seed=args.train_seed, val_images=args.n_val, val_seed=args.val_seed,
+                torch_seed=args.seed) | override
 
 
 def shapes(n, seed):
@@ -120,19 +124,24 @@ def shapes(n, seed):
 
 
 def load_file(model, out_dir, name):
-    path = out_dir / models.TINY_FILES[name]
-    return models.load_checked(model, models.load_state_dict_file(path), path, f'the tiny preset {name}')
+    path = out_dir / checkpoints.TINY_FILES[name]
+    return checkpoints.load_checked(model, checkpoints.load_state_dict_file(path), path, f'the tiny preset {name}')
 
 
 def update_manifest(out_dir, update):
-    """Read, update(manifest) in place, write: MANIFEST.json keeps the other files' entries."""
-    path = out_dir / 'MANIFEST.json'
-    manifest = json.loads(path.read_text()) if path.is_file() else {}
-    update(manifest)
-    data.atomic_save(json.dumps(manifest, indent=2, sort_keys=True) + '\n', path)
+    """Read, update(manifest) in place, write: MANIFEST.json keeps the other files' entries. Under an exclusive flock
+    on out_dir, so two stages run side by side on one out_dir (two shells) never drop each other's entry."""
+    path, fd = out_dir / 'MANIFEST.json', os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits while the other process updates; closing the fd releases it
+        manifest = json.loads(path.read_text()) if path.is_file() else {}
+        update(manifest)
+        data.atomic_save(json.dumps(manifest, indent=2, sort_keys=True) + '\n', path)
+    finally:
+        os.close(fd)
 
 
-def ship(out_dir, stage, model, wall, metrics_fn, info):
+def ship(args, out_dir, stage, model, wall, metrics_fn, info):
     """Writes the stage's file (floats in fp16), its MANIFEST.json entry and its done marker. The model is reloaded
     from the fp16 weights first, so metrics_fn() measures what ships."""
     model.requires_grad_(False)
@@ -141,14 +150,12 @@ def ship(out_dir, stage, model, wall, metrics_fn, info):
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
     metrics = metrics_fn()
     print(f'[{stage}] {wall / 60:.1f} min; (fp16 weights) {metrics}')
-    path = out_dir / models.TINY_FILES[stage]
+    path = out_dir / checkpoints.TINY_FILES[stage]
     data.atomic_save(sd, path)
     sha = data.sha256_file(path).hexdigest()
     arch = {k: v for k, v in models.TINY_PRESETS[args.preset].items() if (k == 'featnet') == (stage == 'featnet')}
     arch = 'models.build_judge' if stage == 'judge' else arch.get('featnet', arch)
-    # the command without the session flags (--resume, --stop_after N): a resumed run records the same one
-    command = re.sub(r' --resume\b| --stop_after[ =]\S+', '', ' '.join(['python pretrain_tiny.py', *sys.argv[1:]]))
-    entry = dict(sha256=sha, size_bytes=path.stat().st_size, command=command, torch_version=torch.__version__,
+    entry = dict(sha256=sha, size_bytes=path.stat().st_size, command=args.command, torch_version=torch.__version__,
                  preset=args.preset, arch=arch, stage=stage, wall_time_s=round(wall),
                  metrics=metrics, **info)
     update_manifest(out_dir, lambda manifest: manifest.update({path.name: entry}))
@@ -159,36 +166,38 @@ def ship(out_dir, stage, model, wall, metrics_fn, info):
 # resuming: every stage writes out_dir/resume_<stage>.pt (model, optimiser, EMA, RNG, step, loop state) every
 # --ckpt_min minutes, and a small "done" marker once its file is written
 
-_ckpt = dict(last=time.time(), steps=0)
+_ckpt = {}  # the session's last checkpoint time and step count (for --stop_after), set by main()
 
 
 def resume_path(out_dir, stage):
     return out_dir / f'resume_{stage}.pt'
 
 
-def load_resume(out_dir, stage):
+def load_resume(args, out_dir, stage):
     """The stage's checkpoint (dict) under --resume, else None."""
     path = resume_path(out_dir, stage)
-    return torch.load(path, map_location='cpu', weights_only=True) if args.resume and path.is_file() else None
+    if not (args.resume and path.is_file()):
+        return None
+    return checkpoints.torch_load(path, 'resume checkpoint', f'Delete it to start the {stage} stage afresh.')
 
 
-def stage_done(out_dir, stage):
+def stage_done(args, out_dir, stage):
     """--resume: the stage finished before and its file is still the one it wrote."""
-    ck, path = load_resume(out_dir, stage), out_dir / models.TINY_FILES[stage]
+    ck, path = load_resume(args, out_dir, stage), out_dir / checkpoints.TINY_FILES[stage]
     done = bool(ck and ck.get('done') and path.is_file() and data.sha256_file(path).hexdigest() == ck['sha256'])
     if done:
         print(f'[{stage}] finished in an earlier session: {path}')
     return done
 
 
-def restore(out_dir, stage, model, opt, gen=None, **fresh):
+def restore(args, out_dir, stage, model, opt, gen=None, **fresh):
     """--resume: loads resume_<stage>.pt into model, opt, gen and torch's RNG and returns its loop state (the keys of
     fresh: step, wall, ...); fresh itself when there is no checkpoint."""
-    ck = load_resume(out_dir, stage)
+    ck = load_resume(args, out_dir, stage)
     if not ck:
         return fresh
     if ck.get('done'):  # stage_done() said the file no longer matches: retraining would silently replace it
-        raise SystemExit(f'[{stage}] finished in an earlier session, but {out_dir / models.TINY_FILES[stage]} is missing '
+        raise SystemExit(f'[{stage}] finished in an earlier session, but {out_dir / checkpoints.TINY_FILES[stage]} is missing '
                          f'or changed since; restore it, or delete {resume_path(out_dir, stage)} to train the stage again.')
     model.load_state_dict(ck['model'])
     opt.load_state_dict(ck['opt'])
@@ -199,9 +208,9 @@ def restore(out_dir, stage, model, opt, gen=None, **fresh):
     return {k: ck[k] for k in fresh}
 
 
-def after_step(out_dir, stage, step, state):
+def after_step(args, out_dir, stage, step, state):
     """Called after every training step (step = steps done): writes the checkpoint when due (state() gives the
-    stage's part of it) and ends the process after --stop_after steps."""
+    stage's part of it) and ends the session (SystemExit 0) after --stop_after steps."""
     _ckpt['steps'] += 1
     stop = args.stop_after and _ckpt['steps'] >= args.stop_after
     if stop or time.time() - _ckpt['last'] >= 60 * args.ckpt_min:
@@ -250,7 +259,7 @@ def eval_vae(vae, va_img, bs=250):
                 perplexity_per_scale=[round(float(p), 1) for p in ppl_S], used_total=int((hits_SV.sum(0) > 0).sum()))
 
 
-def train_vae(out_dir, tr_img, va_img):
+def train_vae(args, out_dir, tr_img, va_img):
     torch.manual_seed(args.seed)
     vae, _ = models.build_tiny(init=True, preset=args.preset)
     vae.train()
@@ -259,12 +268,12 @@ def train_vae(out_dir, tr_img, va_img):
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     V = vae.vocab_size
-    st = restore(out_dir, 'vae', vae, opt, gen, step=0, hits_V=torch.zeros(V), wall=0.0)
+    st = restore(args, out_dir, 'vae', vae, opt, gen, step=0, hits_V=torch.zeros(V), wall=0.0)
     start, hits_V, t0 = st['step'], st['hits_V'], time.time() - st['wall']  # wall time over all sessions
     pbar = data.progress(range(start, args.vae_steps), initial=start, total=args.vae_steps, desc='vae', file=sys.stdout)
     for step in pbar:
-        set_lr(opt, step, args.vae_steps, args.vae_lr)
-        x_B3HW = data.to_signed(tr_img[batch_ids(step, len(tr_img), args.vae_bs)])
+        set_lr(opt, step, args.vae_steps, args.vae_lr, args.warmup)
+        x_B3HW = data.to_signed(tr_img[batch_ids(step, len(tr_img), args.vae_bs, args.seed)])
         f_BChw = vae.quant_conv(vae.encoder(x_B3HW))
         f_hat_BChw, vq_loss, idx_ls = quant(f_BChw)
         rec_B3HW = vae.decoder(vae.post_quant_conv(f_hat_BChw))
@@ -291,10 +300,10 @@ def train_vae(out_dir, tr_img, va_img):
         if args.vae_eval_every and (step + 1) % args.vae_eval_every == 0 and step + 1 < args.vae_steps:
             print(f'\n[vae] step {step + 1}: val {eval_vae(vae, va_img)}')
             vae.train()
-        after_step(out_dir, 'vae', step + 1, lambda: dict(model=vae.state_dict(), opt=opt.state_dict(),
-                                                          gen=gen.get_state(), hits_V=hits_V, wall=time.time() - t0))
-    ship(out_dir, 'vae', vae, time.time() - t0, lambda: eval_vae(vae, va_img),
-         dict(steps=args.vae_steps, batch=args.vae_bs, lr=args.vae_lr, loss=f'{args.vae_loss} + vq', **DATA_INFO))
+        after_step(args, out_dir, 'vae', step + 1, lambda: dict(
+            model=vae.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), hits_V=hits_V, wall=time.time() - t0))
+    ship(args, out_dir, 'vae', vae, time.time() - t0, lambda: eval_vae(vae, va_img),
+         dict(steps=args.vae_steps, batch=args.vae_bs, lr=args.vae_lr, loss=f'{args.vae_loss} + vq', **data_info(args)))
     with torch.no_grad():  # originals (top) over reconstructions (bottom), for a quick look
         x = data.to_signed(va_img[:16])
         rec = vae.img_to_reconstructed_img(x, last_one=True)
@@ -308,14 +317,14 @@ def train_vae(out_dir, tr_img, va_img):
 @torch.no_grad()
 def tokenize(vae, img_u8, bs=500):
     """All images (N, H, W, 3) uint8 tensor -> tokens (N, L) int64, scales concatenated."""
-    return torch.from_numpy(models.encode_tokens(vae, img_u8.numpy(), batch_size=bs))
+    return torch.from_numpy(features.encode_tokens(vae, img_u8.numpy(), batch_size=bs))
 
 
-def cached_tokens(out_dir, vae, vae_sha, tr_img, va_img):
+def cached_tokens(args, out_dir, vae, vae_sha, tr_img, va_img):
     """Tokens of the train and val images (tokenize), kept in out_dir/resume_var_tokens.pt until the VAR ships, so a
     resumed session skips re-tokenising (~6 min on one core); reused only for the same VQ-VAE and data."""
-    path, key = resume_path(out_dir, 'var_tokens'), dict(vae_sha256=vae_sha, **DATA_INFO)
-    ck = load_resume(out_dir, 'var_tokens')
+    path, key = resume_path(out_dir, 'var_tokens'), dict(vae_sha256=vae_sha, **data_info(args))
+    ck = load_resume(args, out_dir, 'var_tokens')
     if ck and ck['key'] == key:
         print(f'[var] tokens from {path}')
         return ck['tr'].long(), ck['va'].long()
@@ -350,18 +359,18 @@ def swap_ema(var, ema_P):
         e.copy_(tmp)
 
 
-def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
+def train_var(args, out_dir, tr_img, tr_lab, va_img, va_lab):
     torch.manual_seed(args.seed)
     vae, var = models.build_tiny(init=True, preset=args.preset)
     load_file(vae, out_dir, 'vae')  # var.vae *is* this object, so the VAR now sees the trained VQ-VAE
-    vae_sha = data.sha256_file(out_dir / models.TINY_FILES['vae']).hexdigest()
+    vae_sha = data.sha256_file(out_dir / checkpoints.TINY_FILES['vae']).hexdigest()
     vae.eval().requires_grad_(False)
     init_sha = None
     if args.var_init:  # checked before tokenising; the EMA below starts from these weights too
-        models.load_checked(var, models.load_state_dict_file(args.var_init), args.var_init,
+        checkpoints.load_checked(var, checkpoints.load_state_dict_file(args.var_init), args.var_init,
                             f'a tiny VAR of the preset {args.preset} (--var_init)')
         init_sha = data.sha256_file(args.var_init).hexdigest()
-    tr_tok, va_tok = cached_tokens(out_dir, vae, vae_sha, tr_img, va_img)
+    tr_tok, va_tok = cached_tokens(args, out_dir, vae, vae_sha, tr_img, va_img)
     print(f'[var] tokens: train {tuple(tr_tok.shape)}, val {tuple(va_tok.shape)}; '
           f'{sum(p.numel() for p in var.parameters()) / 1e6:.2f}M parameters')
     # no weight decay on norms/biases/embeddings-like 1-D params and the position tables (official VAR does the same)
@@ -371,18 +380,19 @@ def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
                              dict(params=[p for n, p in params if not decays(n, p)], weight_decay=0.0)],
                             lr=args.var_lr, betas=(0.9, 0.95))
     ema_P = [p.detach().clone() for p in var.parameters()] if args.var_ema else None
-    st = restore(out_dir, 'var', var, opt, step=0, wall=0.0, ema_loss=None, ema_acc=None, ema=None, vae_sha256=vae_sha)
+    st = restore(args, out_dir, 'var', var, opt, step=0, wall=0.0, ema_loss=None, ema_acc=None, ema=None,
+                 vae_sha256=vae_sha)
     if st['vae_sha256'] != vae_sha:
         raise SystemExit(f'{resume_path(out_dir, "var")} continues a VAR trained on another VQ-VAE than '
-                         f'{out_dir / models.TINY_FILES["vae"]}; delete it (or run without --resume)')
+                         f'{out_dir / checkpoints.TINY_FILES["vae"]}; delete it (or run without --resume)')
     for e, e_ck in zip(ema_P or [], st['ema'] or []):
         e.copy_(e_ck)
     start, ema_loss, ema_acc, t0 = st['step'], st['ema_loss'], st['ema_acc'], time.time() - st['wall']
     var.train()  # class dropout on: the unconditional branch of CFG is learnt here
     pbar = data.progress(range(start, args.var_steps), initial=start, total=args.var_steps, desc='var', file=sys.stdout)
     for step in pbar:
-        set_lr(opt, step, args.var_steps, args.var_lr)
-        ids = batch_ids(step, len(tr_tok), args.var_bs)
+        set_lr(opt, step, args.var_steps, args.var_lr, args.warmup)
+        ids = batch_ids(step, len(tr_tok), args.var_bs, args.seed)
         tok_BL, lab_B = tr_tok[ids], tr_lab[ids]
         with torch.no_grad():
             x_BLCv = var_input(var, tok_BL)
@@ -405,17 +415,18 @@ def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
                   f'val token acc per scale {var_token_acc(var, va_tok, va_lab)}')
             swap_ema(var, ema_P)
             var.train()
-        after_step(out_dir, 'var', step + 1, lambda: dict(
+        after_step(args, out_dir, 'var', step + 1, lambda: dict(
             model=var.state_dict(), opt=opt.state_dict(), ema=ema_P, vae_sha256=vae_sha,
             wall=time.time() - t0, ema_loss=ema_loss, ema_acc=ema_acc))
     wall = time.time() - t0
     swap_ema(var, ema_P)
     n_tr = min(len(tr_tok), 2000)
-    ship(out_dir, 'var', var, wall, lambda: dict(
+    ship(args, out_dir, 'var', var, wall, lambda: dict(
         train_token_acc_per_scale=var_token_acc(var, tr_tok[:n_tr], tr_lab[:n_tr]),
         val_token_acc_per_scale=var_token_acc(var, va_tok, va_lab), final_train_loss=round(ema_loss, 4)),
         dict(steps=args.var_steps, batch=args.var_bs, lr=args.var_lr, weight_decay=args.var_wd, grad_clip=args.var_clip,
-             ema=args.var_ema, vae_sha256=vae_sha, **DATA_INFO, **({'init_sha256': init_sha} if init_sha else {})))
+             ema=args.var_ema, vae_sha256=vae_sha, **data_info(args),
+             **({'init_sha256': init_sha} if init_sha else {})))
     resume_path(out_dir, 'var_tokens').unlink(missing_ok=True)
     with torch.no_grad():  # 10 samples per class, a row per class, fixed seed (4x nearest)
         var.eval()
@@ -432,24 +443,24 @@ def train_var(out_dir, tr_img, tr_lab, va_img, va_lab):
 @torch.no_grad()
 def featnet_acc(net, x_B3HW, lab_B, bs=250):
     net.eval()
-    pred = torch.cat([models.vit_cls(net, x_B3HW[i:i + bs])[1].argmax(-1) for i in range(0, len(x_B3HW), bs)])
+    pred = torch.cat([features.vit_cls(net, x_B3HW[i:i + bs])[1].argmax(-1) for i in range(0, len(x_B3HW), bs)])
     return (pred == lab_B).float().mean().item()
 
 
-def train_featnet(out_dir, va_img, va_lab):
+def train_featnet(args, out_dir, va_img, va_lab):
     torch.manual_seed(args.seed)
     tr_img, tr_lab = shapes(args.fn_n_train, args.train_seed)
     net = models.build_featnet(args.preset)
     opt = torch.optim.AdamW(net.parameters(), lr=args.fn_lr, betas=(0.9, 0.999), weight_decay=0.05)
     gen = torch.Generator().manual_seed(args.seed)
-    st = restore(out_dir, 'featnet', net, opt, gen, step=0, wall=0.0, ema_loss=None)
+    st = restore(args, out_dir, 'featnet', net, opt, gen, step=0, wall=0.0, ema_loss=None)
     start, ema_loss, t0 = st['step'], st['ema_loss'], time.time() - st['wall']
     net.train()
     pbar = data.progress(range(start, args.fn_steps), initial=start, total=args.fn_steps, desc='featnet',
                          file=sys.stdout)
     for step in pbar:
-        set_lr(opt, step, args.fn_steps, args.fn_lr)
-        ids = batch_ids(step, len(tr_img), args.fn_bs)
+        set_lr(opt, step, args.fn_steps, args.fn_lr, args.warmup)
+        ids = batch_ids(step, len(tr_img), args.fn_bs, args.seed)
         x_B3HW = data.to_signed(tr_img[ids])
         # mirror half the batch: every class is mirror-symmetric up to rotation, so labels stay right
         flip_B = torch.rand(len(ids), generator=gen) < 0.5
@@ -462,12 +473,12 @@ def train_featnet(out_dir, va_img, va_lab):
         opt.step()
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         pbar.set_postfix_str(f'loss {ema_loss:.3f}')
-        after_step(out_dir, 'featnet', step + 1, lambda: dict(model=net.state_dict(), opt=opt.state_dict(),
-                                                              gen=gen.get_state(), wall=time.time() - t0,
-                                                              ema_loss=ema_loss))
-    ship(out_dir, 'featnet', net, time.time() - t0,
+        after_step(args, out_dir, 'featnet', step + 1, lambda: dict(
+            model=net.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), wall=time.time() - t0,
+            ema_loss=ema_loss))
+    ship(args, out_dir, 'featnet', net, time.time() - t0,
          lambda: dict(val_acc=round(featnet_acc(net, data.to_signed(va_img), va_lab), 4)),
-         dict(steps=args.fn_steps, batch=args.fn_bs, lr=args.fn_lr, **dict(DATA_INFO, train_images=args.fn_n_train)))
+         dict(steps=args.fn_steps, batch=args.fn_bs, lr=args.fn_lr, **data_info(args, train_images=args.fn_n_train)))
 
 
 # stage 4: the judge
@@ -480,23 +491,23 @@ def judge_metrics(net, va_img, va_lab):
     acc = (torch.cat([net(data.to_signed(va_img[i:i + 500])).argmax(-1) for i in range(0, len(va_img), 500)]) == va_lab)
     fresh, _ = data.make_shapes(1000, seed=7)
     ref, _ = data.make_shapes(10000, seed=data.REF_SHAPES_SEED)
-    stats = [iscs.feature_stats(models.judge_features(x, net, progress=False)[0]) for x in (fresh, ref)]
+    stats = [iscs.feature_stats(features.judge_features(x, net, progress=False)[0]) for x in (fresh, ref)]
     return dict(val_acc=round(acc.float().mean().item(), 4), fid_1000_fresh_shapes=round(iscs.frechet_distance(*stats[0], *stats[1]), 3))
 
 
-def train_judge(out_dir, va_img, va_lab):
+def train_judge(args, out_dir, va_img, va_lab):
     torch.manual_seed(args.seed)
     tr_img, tr_lab = shapes(args.judge_n_train, args.judge_data_seed)
     net = models.build_judge()
     opt = torch.optim.AdamW(net.parameters(), lr=args.judge_lr, betas=(0.9, 0.999), weight_decay=0.05)
     gen = torch.Generator().manual_seed(args.seed)
-    st = restore(out_dir, 'judge', net, opt, gen, step=0, wall=0.0)
+    st = restore(args, out_dir, 'judge', net, opt, gen, step=0, wall=0.0)
     start, t0 = st['step'], time.time() - st['wall']
     net.train()
     pbar = data.progress(range(start, args.judge_steps), initial=start, total=args.judge_steps, desc='judge', file=sys.stdout)
     for step in pbar:
-        set_lr(opt, step, args.judge_steps, args.judge_lr)
-        ids = batch_ids(step, len(tr_img), args.judge_bs)
+        set_lr(opt, step, args.judge_steps, args.judge_lr, args.warmup)
+        ids = batch_ids(step, len(tr_img), args.judge_bs, args.seed)
         x_B3HW = data.to_signed(tr_img[ids])
         flip_B = torch.rand(len(ids), generator=gen) < 0.5  # every class is mirror-symmetric
         x_B3HW = torch.where(flip_B[:, None, None, None], x_B3HW.flip(-1), x_B3HW)
@@ -505,15 +516,15 @@ def train_judge(out_dir, va_img, va_lab):
         loss.backward()
         opt.step()
         pbar.set_postfix_str(f'loss {loss.item():.3f}')
-        after_step(out_dir, 'judge', step + 1, lambda: dict(model=net.state_dict(), opt=opt.state_dict(),
-                                                            gen=gen.get_state(), wall=time.time() - t0))
-    ship(out_dir, 'judge', net, time.time() - t0, lambda: judge_metrics(net, va_img, va_lab),
+        after_step(args, out_dir, 'judge', step + 1, lambda: dict(
+            model=net.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), wall=time.time() - t0))
+    ship(args, out_dir, 'judge', net, time.time() - t0, lambda: judge_metrics(net, va_img, va_lab),
          dict(steps=args.judge_steps, batch=args.judge_bs, lr=args.judge_lr,
-              **dict(DATA_INFO, train_images=args.judge_n_train, train_seed=args.judge_data_seed)))
+              **data_info(args, train_images=args.judge_n_train, train_seed=args.judge_data_seed)))
 
 
 @torch.no_grad()
-def score_var_samples(out_dir):
+def score_var_samples(args, out_dir):
     """How recognisable the VAR's samples are to the feature network: --score_n samples (balanced classes, seeds
     1, 2, ... per 250), all three files must exist. Written into the featnet entry of MANIFEST.json."""
     vae, var = models.build_tiny(preset=args.preset)
@@ -530,68 +541,61 @@ def score_var_samples(out_dir):
     print(f'[featnet] class accuracy on {len(lab_N)} VAR samples (cfg {args.cfg}): {acc}')
     settings = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, n=len(lab_N),
                     g_seeds='1 + i for samples 250 i .. 250 i + 249',
-                    var_sha256=data.sha256_file(out_dir / models.TINY_FILES['var']).hexdigest())
-    update_manifest(out_dir, lambda manifest: manifest.setdefault(models.TINY_FILES['featnet'], {}).setdefault(
+                    var_sha256=data.sha256_file(out_dir / checkpoints.TINY_FILES['var']).hexdigest())
+    update_manifest(out_dir, lambda manifest: manifest.setdefault(checkpoints.TINY_FILES['featnet'], {}).setdefault(
         'metrics', {}).update(var_sample_acc=acc, var_sample_settings=settings))
 
 
-def ship_to_weights(out_dir, names):
-    """--ship: copies the named stage files and their MANIFEST.json entries into models.TINY_DIR, then checks that
+def ship_to_weights(args, out_dir, names):
+    """--ship: copies the named stage files and their MANIFEST.json entries into checkpoints.TINY_DIR, then checks that
     the shipped loaders accept them."""
-    dest, entries = Path(models.TINY_DIR), json.loads((out_dir / 'MANIFEST.json').read_text())
+    dest, entries = Path(checkpoints.TINY_DIR), json.loads((out_dir / 'MANIFEST.json').read_text())
     for n in names:
-        name = models.TINY_FILES[n]
+        name = checkpoints.TINY_FILES[n]
         data.atomic_save((out_dir / name).read_bytes(), dest / name)
         update_manifest(dest, lambda manifest: manifest.update({name: entries[name]}))
         print(f'[ship] {out_dir / name} -> {dest / name}')
     if args.preset == models.TINY_PRESET:  # the shipped loaders must accept what was written
-        for n, load in (('var', models.load_tiny), ('featnet', models.load_featnet), ('judge', models.load_judge)):
-            if n in names:
-                load()
+        if {'vae', 'var'} & set(names):
+            checkpoints.load_tiny()
+        for n in {'featnet', 'judge'} & set(names):
+            checkpoints.load_eval_net(n)
         print(f'[check] the shipped loaders load {names}')
 
 
 # ----------------------------------------------------------------------------------------------------------
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    # every MANIFEST entry's command, less the session flags (--resume, --stop_after N): a resumed run records the same
+    args.command = re.sub(r' --resume\b| --stop_after[ =]\S+', '', ' '.join(['python pretrain_tiny.py', *argv]))
+    _ckpt.update(last=time.time(), steps=0)
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
-    if out_dir.resolve() == Path(models.TINY_DIR).resolve():
+    if out_dir.resolve() == Path(checkpoints.TINY_DIR).resolve():
         raise SystemExit(f'--out_dir {out_dir} is the folder of the shipped tiny models: train into a run folder and '
                          f'add --ship to copy the results there. Nothing was written.')
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     stages = ['vae', 'var', 'featnet', 'judge'] if args.stage == 'all' else [args.stage]
-    if not args.resume and not args.child:  # a fresh run: no stale checkpoint may be resumed from later
+    if not args.resume:  # a fresh run: no stale checkpoint may be resumed from later
         for s in stages:
             resume_path(out_dir, s).unlink(missing_ok=True)
-    child = None
-    if args.stage == 'all' and not args.serial and not stage_done(out_dir, 'featnet'):
-        # the feature network does not depend on the VQ-VAE/VAR: train it on the second core meanwhile
-        # (argparse keeps the last --stage); its log goes to out_dir/pretrain_featnet.log
-        log = open(out_dir / 'pretrain_featnet.log', 'w')
-        child = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], '--stage', 'featnet', '--child'],
-                                 stdout=log, stderr=subprocess.STDOUT)
-        print(f'[featnet] training in process {child.pid} alongside; log: {log.name}')
     tr_img, tr_lab = shapes(args.n_train, args.train_seed) if args.stage in ('all', 'vae', 'var') else (None, None)
-    va_img, va_lab = shapes(args.n_val, args.val_seed)  # the feature network makes its own training set
-    if 'vae' in stages and not stage_done(out_dir, 'vae'):
-        train_vae(out_dir, tr_img, va_img)
-    if 'var' in stages and not stage_done(out_dir, 'var'):
-        train_var(out_dir, tr_img, tr_lab, va_img, va_lab)
-    if (args.stage == 'featnet' or (args.stage == 'all' and args.serial)) and not stage_done(out_dir, 'featnet'):
-        train_featnet(out_dir, va_img, va_lab)
-    if 'judge' in stages and not args.child and not stage_done(out_dir, 'judge'):
-        train_judge(out_dir, va_img, va_lab)
-    if child is not None and child.wait() != 0:
-        raise SystemExit(f'the feature network process failed (exit {child.returncode}); see {log.name}')
-    if args.child:
-        return
-    names = [n for n in ('vae', 'var', 'featnet') if (out_dir / models.TINY_FILES[n]).is_file()]
-    if len(names) == 3:
-        score_var_samples(out_dir)
+    va_img, va_lab = shapes(args.n_val, args.val_seed)  # the feature network and the judge make their own training sets
+    if 'vae' in stages and not stage_done(args, out_dir, 'vae'):
+        train_vae(args, out_dir, tr_img, va_img)
+    if 'var' in stages and not stage_done(args, out_dir, 'var'):
+        train_var(args, out_dir, tr_img, tr_lab, va_img, va_lab)
+    if 'featnet' in stages and not stage_done(args, out_dir, 'featnet'):
+        train_featnet(args, out_dir, va_img, va_lab)
+    if 'judge' in stages and not stage_done(args, out_dir, 'judge'):
+        train_judge(args, out_dir, va_img, va_lab)
+    if all((out_dir / checkpoints.TINY_FILES[n]).is_file() for n in ('vae', 'var', 'featnet')):
+        score_var_samples(args, out_dir)
     if args.ship:
-        ship_to_weights(out_dir, [n for n in stages if (out_dir / models.TINY_FILES[n]).is_file()])
+        ship_to_weights(args, out_dir, [n for n in stages if (out_dir / checkpoints.TINY_FILES[n]).is_file()])
     print(f'[done] {(time.time() - t0) / 60:.1f} min')
 
 

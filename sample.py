@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torchvision.utils import make_grid, save_image
 
+import checkpoints
 import data
 import models
 
@@ -60,8 +61,6 @@ p.add_argument('--mixed_precision', choices=['no', 'bf16', 'fp16'], default=None
 p.add_argument('--cpu', action='store_true', help='run on CPU even if a GPU is present')
 p.add_argument('--plant', choices=list(models.PLANT_STRENGTH), default=None,
                help='positive control: sample from the VAR with this planted error (as train_injector.py --plant)')
-p.add_argument('--plant_strength', type=float, default=None, help='size of the planted error (default per kind)')
-p.add_argument('--plant_seed', type=int, default=0, help='which planted error (its random direction)')
 p.add_argument('--max_batches', type=int, default=None,
                help='debug: stop after computing this many new batches (leaves a resumable partial run)')
 models.show_defaults(p)  # every --help line ends with its default
@@ -86,10 +85,11 @@ def check_ws(ws):
 
 
 def resolve_args(argv=None):
+    """(args, the preset of --depth): checked flags, --num_per_class filled in from the preset."""
     args = p.parse_args(argv)
-    preset = models.preset_of(args.depth)
+    preset = models.resolve_preset(args.depth)
     if args.num_per_class is None:
-        args.num_per_class = preset['num_per_class']
+        args.num_per_class = preset.num_per_class
     if args.num_per_class < 1 or args.batch_size < 1:
         raise SystemExit(f'--num_per_class and --batch_size must be >= 1, got {args.num_per_class} and {args.batch_size}')
     if args.seed < 0:
@@ -98,7 +98,7 @@ def resolve_args(argv=None):
         check_ws(args.w)
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise SystemExit(f'--out_dir {args.out_dir} is a file, not a folder.')
-    return args
+    return args, preset
 
 
 def w_tag(w: float) -> str:
@@ -116,30 +116,28 @@ def class_major_labels(classes, num_per_class) -> np.ndarray:
     return np.repeat(np.asarray(classes, dtype=np.int64), num_per_class)
 
 
-def build_models(args, device):
+def build_models(args, preset, device):
     """Frozen (vae, var) and, when needed, the injector with its meta."""
+    # random: evaluate.py --random_init rebuilds the same VQ-VAE
+    vae, var = checkpoints.load_frozen(preset, args.ckpt_dir, device, args.random_init, plant=args.plant)
     if args.random_init:
-        vae, var = models.build_random(args.depth, device)  # evaluate.py --random_init rebuilds the same VQ-VAE
         injector = models.GuidanceInjector(var.C, var.patch_nums)
         nn.init.normal_(injector.proj_out.weight, std=0.1)  # an untrained injector outputs exactly 0; 0.1 moves tokens
         meta = dict(inject='input', w_train=0.001, source='random')
         return vae, var, models.frozen(injector, device), meta
-    vae, var = models.load_vae_var(args.depth, args.ckpt_dir, device)
-    if args.plant:
-        models.plant_error(var, args.plant, args.plant_strength, args.plant_seed)
     if args.w is not None and all(w == 0 for w in args.w) and not args.injector:
         return vae, var, None, dict(source='none')
     path = args.injector
     if path is None:
-        if args.depth is not None:
+        if not preset.tiny:
             raise SystemExit('--injector is required with --depth (the injector.safetensors written by train_injector.py); '
                              'only --w 0 (plain VAR sampling) runs without one.')
-        path = models.TINY_DIR / models.TINY_FILES['injector']
+        path = checkpoints.TINY_DIR / checkpoints.TINY_FILES['injector']
         if not Path(path).is_file():
             raise SystemExit(f'The shipped tiny injector {path} is missing: restore it with `git checkout -- weights/`, '
                              f'train one with `python train_injector.py` and pass --injector, or sample plain VAR with --w 0.')
-    injector, meta = models.load_injector(path, var, device)
-    var_sha256 = models.weights_sha256(var) if meta.get('var_sha256') else None
+    injector, meta = checkpoints.load_injector(path, var, device)
+    var_sha256 = checkpoints.weights_sha256(var) if meta.get('var_sha256') else None
     if var_sha256 and meta['var_sha256'] != var_sha256:
         print(f'[sample] warning: {path} was trained on another VAR (weights sha256 {meta["var_sha256"][:16]}, this one '
               f'{var_sha256[:16]}{"; --plant " + str(args.plant) if args.plant else ""}): its guidance '
@@ -164,15 +162,15 @@ def verdict_line(inj_meta):
             f'--validated_w samples at its validated w = {val["validated_w"]:g}')
 
 
-def settings_of(args, var, inj_meta, w, labels_N) -> dict:
+def settings_of(args, preset, var, inj_meta, w, labels_N) -> dict:
     """Everything that determines the samples of one w (stored as the npz meta; a resume must match it)."""
-    return dict(preset='tiny' if args.depth is None else f'd{args.depth}', random_init=args.random_init, w=w,
+    return dict(preset=preset.tag, random_init=args.random_init, w=w,
                 inject=args.inject if w != 0 else None, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
                 seed=args.seed, classes=args.classes, num_per_class=args.num_per_class, batch_size=args.batch_size,
                 n=int(len(labels_N)), patch_nums=list(var.patch_nums), vocab_size=var.V,
                 injector=None if w == 0 else {k: inj_meta.get(k) for k in ('source', 'sha256', 'step', 'w_train')},
                 mixed_precision=args.mixed_precision,
-                plant=None if args.plant is None else [args.plant, args.plant_strength, args.plant_seed])
+                plant=None if args.plant is None else [args.plant, None, 0])  # [kind, strength, seed]: the defaults
 
 
 def settings_diff(a: dict, b: dict) -> str:
@@ -292,7 +290,7 @@ def progression(path, vae, var, hook, args, labels_N, ws, out_dir, autocast):
 
 
 def main(argv=None):
-    args = resolve_args(argv)
+    args, preset = resolve_args(argv)
     # cpu=True on a GPU-less machine lets torchrun-style launches (accelerate launch --multi_gpu) use gloo on the CPU
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
     device = accelerator.device
@@ -302,7 +300,7 @@ def main(argv=None):
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.mixed_precision != 'no')
 
     with accelerator.main_process_first():  # downloads happen once; the other ranks then read the files
-        vae, var, injector, inj_meta = build_models(args, device)
+        vae, var, injector, inj_meta = build_models(args, preset, device)
     if args.w is None:
         args.w = [inj_meta.get('w_train', 0.001)]
     line = verdict_line(inj_meta) if any(w != 0 for w in args.w) else None
@@ -315,11 +313,11 @@ def main(argv=None):
     if args.inject is None:
         args.inject = inj_meta.get('inject', 'input')
     # real models: the VAR evaluation protocol; tiny: the values tuned with the injector, when its file records them
-    preset, tuned = models.preset_of(args.depth), inj_meta if args.depth is None else {}
+    tuned = inj_meta if preset.tiny else {}
     if args.top_k is None:
-        args.top_k = tuned.get('top_k', preset['top_k'])
+        args.top_k = tuned.get('top_k', preset.top_k)
     if args.top_p is None:
-        args.top_p = tuned.get('top_p', preset['top_p'])
+        args.top_p = tuned.get('top_p', preset.top_p)
     if args.classes is None:
         args.classes = list(range(var.num_classes))
     bad = [c for c in args.classes if not 0 <= c < var.num_classes]
@@ -333,22 +331,22 @@ def main(argv=None):
         out_dir.mkdir(parents=True, exist_ok=True)
     # one sampling run per folder at a time (the main process holds the lock; the other ranks are its own)
     with data.folder_lock(out_dir, 'another sample.py') if accelerator.is_main_process else contextlib.nullcontext():
-        return sample_into(args, accelerator, vae, var, injector, inj_meta, hook, ws, labels_N, out_dir, autocast)
+        return sample_into(args, preset, accelerator, vae, var, injector, inj_meta, hook, ws, labels_N, out_dir, autocast)
 
 
-def sample_into(args, accelerator, vae, var, injector, inj_meta, hook, ws, labels_N, out_dir, autocast):
+def sample_into(args, preset, accelerator, vae, var, injector, inj_meta, hook, ws, labels_N, out_dir, autocast):
     """The sampling of main() into out_dir: finished files kept, partial runs resumed, then merged."""
     rank, world, device, bs = accelerator.process_index, accelerator.num_processes, accelerator.device, args.batch_size
     n_batches = -(-len(labels_N) // bs)
     if accelerator.is_main_process:
-        print(f'[sample] {"tiny preset" if args.depth is None else f"VAR-d{args.depth}"}'
+        print(f'[sample] {preset.label}'
               f'{" (random init)" if args.random_init else ""}: {len(labels_N)} samples ({len(args.classes)} classes x '
               f'{args.num_per_class}), w = {ws}, cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}, '
               f'more_smooth {args.more_smooth}, seed {args.seed}, {n_batches} batches of {bs} on {world} process(es)')
 
     jobs = []  # (w, settings, partial folder, final npz)
     for w in ws:
-        settings = settings_of(args, var, inj_meta, w, labels_N)
+        settings = settings_of(args, preset, var, inj_meta, w, labels_N)
         final = out_dir / f'samples_w{w_tag(w)}.npz'
         if final.is_file():
             try:

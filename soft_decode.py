@@ -116,29 +116,27 @@ def entropy(probs_BlV: torch.Tensor) -> torch.Tensor:
     return -(probs_BlV * probs_BlV.clamp_min(1e-30).log()).sum(-1).mean()
 
 
-def match_temperature(d_NV: torch.Tensor, target: float, stat=entropy, lo=1e-6, hi=1e3, iters=60) -> float:
-    """The temperature T at which stat(softmax(-d / T)) equals `target`, for a stat that grows with T (the mean
-    entropy by default); bisection in log T."""
+def match_temperature(d_NV: torch.Tensor, target: float, lo=1e-6, hi=1e3, iters=60) -> float:
+    """The temperature T at which the mean entropy of softmax(-d / T) equals `target` (it grows with T); bisection in
+    log T."""
     for _ in range(iters):
         mid = (lo * hi) ** 0.5
-        lo, hi = (mid, hi) if stat((-d_NV / mid).softmax(-1)) < target else (lo, mid)
+        lo, hi = (mid, hi) if entropy((-d_NV / mid).softmax(-1)) < target else (lo, mid)
     return (lo * hi) ** 0.5
 
 
-def scale_groups(scales, B, SN, device):
-    """[(k, indices of the samples whose scale is k)]: every k >= 1 for every sample when scales is None."""
-    if scales is None:
-        return [(k, torch.arange(B, device=device)) for k in range(1, SN)]
+def scale_groups(scales, SN):
+    """[(k, indices of the samples whose scale is k)] for the k >= 1 that occur in scales (B,)."""
     return [(k, (scales == k).nonzero().squeeze(1)) for k in range(1, SN) if (scales == k).any()]
 
 
 def disc_fakes(var, logits_BLV, ctx_idx, labels_B, scales, decode, tau, draws=1, rao_k=16):
     """The fakes of disc_images alone, `draws` relaxed samples per image from the same logits (one VAR pass):
     (fake (draws * N, 3, H, W), labels), draw-major (rows [d * N, (d + 1) * N) are draw d, grouped by k)."""
-    vae, B, SN = var.vae, labels_B.shape[0], len(var.patch_nums)
+    vae, SN = var.vae, len(var.patch_nums)
     fakes, labs = [], []
     for _ in range(draws):
-        for k, sel in scale_groups(scales, B, SN, labels_B.device):
+        for k, sel in scale_groups(scales, SN):
             bg, ed = var.begin_ends[k]
             probs = relax(logits_BLV[sel, bg:ed], decode, tau, rao_k=rao_k)
             fakes.append(decode_mixed(vae, [c[sel] for c in ctx_idx[:k]], probs))
@@ -152,15 +150,15 @@ def disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, decode, tau,
     cumulative images of scales 0..k.
 
     logits_BLV: guided logits of every scale; ctx_idx / gt_idx: per-scale context / ground-truth tokens (B, pn^2).
-    scales: (B,) scale index k >= 1 per sample ('random') or None for every k >= 1 for every sample ('all').
+    scales: (B,) scale index k >= 1 per sample.
     real_probs: optional per-scale soft labels of the real images [(B, pn^2, V)] (`real_soft_labels`).
     Returns fake (N,3,H,W), real (N,3,H,W), labels (N,), grouped by k.
     """
-    vae, B, SN = var.vae, labels_B.shape[0], len(var.patch_nums)
+    vae, SN = var.vae, len(var.patch_nums)
     fake, labs = disc_fakes(var, logits_BLV, ctx_idx, labels_B, scales, decode, tau, rao_k=rao_k)
     reals = []
     with torch.no_grad():
-        for k, sel in scale_groups(scales, B, SN, labels_B.device):
+        for k, sel in scale_groups(scales, SN):
             if real_probs is None:
                 reals.append(vae.idxBl_to_img([g[sel] for g in gt_idx[:k + 1]], last_one=True))
             else:
@@ -176,19 +174,13 @@ def real_soft_labels(vae, img_B3HW, temps):
     return [(-d / t).softmax(-1) for d, t in zip(dists, temps)], idx_ls
 
 
-REAL_MATCH = ('entropy', 'norm')
-
-
 @torch.no_grad()
-def matched_real_temperatures(var, img_B3HW, labels_B, decode_tau=1.0, match='entropy'):
+def matched_real_temperatures(var, img_B3HW, labels_B, decode_tau=1.0):
     """Per-scale temperatures at which the real soft labels are as soft as the frozen VAR's teacher-forced
-    probabilities softmax(logits / decode_tau) on the same images: the same mean entropy ('entropy'), or the same
-    mean norm of the expected code ('norm': as blurred in code space)."""
+    probabilities softmax(logits / decode_tau) on the same images: the same mean entropy."""
     dists, idx_ls = residual_sq_dists(var.vae, img_B3HW)
     logits_BLV = var(labels_B, var.vae.quantize.idxBl_to_var_input(idx_ls)).float()
-    E_VC = var.vae.quantize.embedding.weight.float()
-    stat = entropy if match == 'entropy' else lambda p: -(p @ E_VC).norm(dim=-1).mean()
-    return [match_temperature(d.reshape(-1, d.shape[-1]), stat((logits_BLV[:, bg:ed] / decode_tau).softmax(-1)).item(), stat)
+    return [match_temperature(d.reshape(-1, d.shape[-1]), entropy((logits_BLV[:, bg:ed] / decode_tau).softmax(-1)).item())
             for d, (bg, ed) in zip(dists, var.begin_ends)]
 
 

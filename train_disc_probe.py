@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import checkpoints
 import data
 import models
 
@@ -96,12 +97,9 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = data.build_train_data(args.depth, args.data_path, n_tiny=args.n_tiny)
     torch.manual_seed(args.seed)
-    if args.random_init:
-        vae, var = models.build_random(args.depth, device, seed=args.seed)
-    else:
-        vae, var = models.load_vae_var(args.depth, args.ckpt_dir, device)
+    vae, var = checkpoints.load_frozen(preset, args.ckpt_dir, device, args.random_init, args.seed)
     if args.space == 'rgb':
-        backbone = models.build_feature_net(preset['name'], not args.random_init, args.dino_ckpt)
+        backbone = checkpoints.load_feature_net(preset, not args.random_init, args.dino_ckpt)
         D = models.ProjectedDiscriminator(backbone, num_classes=var.num_classes, norm=args.disc_norm,
                                           diffaug=args.disc_aug).to(device)
         params = list(D.head_parameters())

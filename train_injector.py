@@ -23,7 +23,9 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from torchvision.utils import save_image
 
+import checkpoints
 import data
+import features
 import iscs
 import models
 import soft_decode
@@ -49,9 +51,6 @@ p.add_argument('--fake_cfg', type=float, default=None, help="CFG of the fakes' t
                "uncond with t = fake_cfg * k / (K - 1) as in sampling (0: none, the conditional logits)")
 p.add_argument('--real_decode', choices=['soft', 'hard'], default=None,
                help="real images for D: 'soft' (paper §3.2: the quantizer's soft labels, as soft as the fakes) or one-hot")
-p.add_argument('--real_match', choices=list(soft_decode.REAL_MATCH), default='entropy',
-               help="soft reals: match the fakes' mean entropy or the mean norm of their expected code")
-p.add_argument('--disc_scales', choices=['random', 'all'], default='random', help='D sees one random scale k >= 1 per sample, or every scale')
 p.add_argument('--disc_norm', choices=list(models.DISC_NORMS), default=None,
                help="D heads' norm (none: no batch norm, the tiny preset's choice: docs/tiny_preset.md)")
 p.add_argument('--disc_aug', choices=list(models.DISC_AUGS), default=None, help='DiffAugment on real and fake images in D')
@@ -60,12 +59,9 @@ p.add_argument('--lambda_rec', type=float, default=0.01, help='weight of the tok
 p.add_argument('--lambda_adv', type=float, default=1.0, help='weight of the adversarial term -D(fake) (0: CE only, no D)')
 p.add_argument('--plant', choices=list(models.PLANT_STRENGTH), default=None,
                help='positive control: plant a known error in the frozen VAR (models.plant_error) before training')
-p.add_argument('--plant_strength', type=float, default=None, help='size of the planted error (default per kind)')
-p.add_argument('--plant_seed', type=int, default=0, help='which planted error (its random direction)')
 p.add_argument('--w_train', type=float, default=None, help='guidance weight during training')
 p.add_argument('--lr_g', type=float, default=None, help='injector learning rate (AdamW)')
 p.add_argument('--lr_d', type=float, default=None, help='discriminator heads learning rate (AdamW)')
-p.add_argument('--d_steps', type=int, default=1, help='D updates per injector update (on the same real / fake pair)')
 p.add_argument('--r1_gamma', type=float, default=None, help='R1 weight on real images; 0 turns R1 off')
 p.add_argument('--r1_every', type=int, default=16, help='lazy R1: every this many steps, scaled by it')
 p.add_argument('--grad_clip', type=float, default=0.5, help='gradient-norm clip of the injector and of the D heads')
@@ -113,7 +109,7 @@ TAU = 1.0  # softmax / Gumbel temperature of the relaxed decode (the paper's; no
 RUN_FILES = ('last.pt', 'injector.safetensors', 'injector.pt')  # what an earlier run leaves in its out_dir (and a fresh start would overwrite)
 RESUME_KEYS = ('injector', 'disc_heads', 'opt_g', 'opt_d', 'step', 'args')
 RESUME_MUST_MATCH = ('depth', 'inject', 'context', 'decode', 'broadcast', 'global_batch_size', 'seed', 'disc_norm', 'disc_aug',
-                     'real_decode', 'plant', 'plant_strength', 'plant_seed')
+                     'real_decode', 'plant')
 TRACKER_PROJECT = 'aid-var'
 
 
@@ -137,10 +133,10 @@ def resolve_args(argv=None):
         raise SystemExit(f'--g_draws and --rao_k must be >= 1, --val_n and --fake_cfg >= 0; got {args.g_draws}, '
                          f'{args.rao_k}, {args.val_n}, {args.fake_cfg}')
     args.val_w = [args.w_train] if args.val_w is None else args.val_w
-    if args.val_n and (args.val_net == 'inception') != (preset['name'] == 'real'):
-        raise SystemExit(f"--val_net {args.val_net} does not fit the {preset['name']} preset: 'judge' or 'featnet' "
-                         f"for the tiny preset, 'inception' for the real models")
-    if args.val_n and preset['name'] == 'real' and args.val_ref is None:
+    if args.val_n and (args.val_net == 'inception') == preset.tiny:
+        raise SystemExit(f"--val_net {args.val_net} does not fit the {preset.label}: 'judge' or 'featnet' for the tiny "
+                         f"preset, 'inception' for the real models")
+    if args.val_n and not preset.tiny and args.val_ref is None:
         raise SystemExit('--val_n on the real models needs --val_ref: the ADM batch VIRTUAL_imagenet256_labeled.npz, a '
                          'real-image npz or an image folder (or --val_n 0: no validation, and no verdict)')
     return args
@@ -166,40 +162,16 @@ def read_config(path) -> dict:
     return {k: v for k, v in cfg.items() if k in flags}
 
 
-def build_everything(args, device):
-    """Frozen VQ-VAE + VAR, frozen D backbone with fresh heads, fresh injector (identical on every rank)."""
-    if args.random_init:
-        vae, var = models.build_random(args.depth, device, seed=args.seed)
-    else:
-        vae, var = models.load_vae_var(args.depth, args.ckpt_dir, device)
-    backbone = models.build_feature_net(models.preset_of(args.depth)['name'], not args.random_init, args.dino_ckpt)
-    if args.plant:
-        models.plant_error(var, args.plant, args.plant_strength, args.plant_seed)
+def build_everything(args, preset, device):
+    """Frozen VQ-VAE + VAR (+ the planted error), frozen D backbone with fresh heads, fresh injector (identical on
+    every rank)."""
+    vae, var = checkpoints.load_frozen(preset, args.ckpt_dir, device, args.random_init, args.seed, args.plant)
+    backbone = checkpoints.load_feature_net(preset, not args.random_init, args.dino_ckpt)
     torch.manual_seed(args.seed)  # the fresh heads and injector are the same on every rank
     D = models.ProjectedDiscriminator(backbone, num_classes=var.num_classes, norm=args.disc_norm,
                                       diffaug=args.disc_aug).to(device)
     if args.disc_ckpt:
-        path = Path(args.disc_ckpt)
-        if not path.is_file():
-            raise SystemExit(f'--disc_ckpt {path}: no such file (the disc_heads_rgb.pt that train_disc_probe.py writes).')
-        try:
-            ck = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:  # truncated, garbage, a pickle of something else
-            raise SystemExit(f'--disc_ckpt {path} is not a readable torch file ({data.first_line(e)}).') from None
-        if not (isinstance(ck, dict) and isinstance(ck.get('disc_heads'), dict)):
-            raise SystemExit(f'--disc_ckpt {path} holds no D heads (keys {sorted(map(str, ck))[:6] if isinstance(ck, dict) else type(ck).__name__}); '
-                             f'give the disc_heads_rgb.pt that train_disc_probe.py --space rgb writes.')
-        meta = ck.get('meta', {})
-        if meta.get('space', 'rgb') != 'rgb':
-            raise SystemExit(f'--disc_ckpt {args.disc_ckpt} holds latent-space heads (train_disc_probe.py --space latent); '
-                             f'AID-VAR needs the RGB projected discriminator (--space rgb).')
-        if meta.get('norm', 'bn') != args.disc_norm:
-            raise SystemExit(f'--disc_ckpt {args.disc_ckpt} holds heads with --disc_norm {meta.get("norm", "bn")}; '
-                             f'this run uses --disc_norm {args.disc_norm}.')
-        try:
-            D.load_heads_state_dict(ck['disc_heads'])
-        except RuntimeError as e:  # heads of another backbone or preset
-            raise SystemExit(f'--disc_ckpt {path}: its heads do not fit this D ({data.first_line(e)}).') from None
+        checkpoints.load_disc_heads(D, args.disc_ckpt, args.disc_norm)
     injector = models.GuidanceInjector(var.C, var.patch_nums, broadcast=args.broadcast).to(device)
     return vae, var, D, injector
 
@@ -235,19 +207,12 @@ def guided_logits(var, injector, labels_B, ctx_idx, w, inject, cfg=0.0):
 # ----------------------------------------------------------------------------------------------------------
 # Validation: does the guided VAR beat w = 0 on a held-out sampling seed? (a selection step, not an evaluation)
 
-def validation_setup(args, device):
+def validation_setup(args, preset, device):
     """(features: uint8 images (N, H, W, 3) -> (N, D) float64, reference (mu, sigma), a description)."""
-    if args.val_net == 'inception':
-        net = models.FIDInceptionV3().eval() if args.random_init else models.load_fid_inception(args.ckpt_dir, device)
-        feats = lambda x: models.inception_features(x, net.to(device), device=device, progress=False)[0]
-    elif args.val_net == 'judge':
-        net = models.frozen(models.build_judge() if args.random_init else models.load_judge(), device)
-        feats = lambda x: models.judge_features(x, net, device=device, progress=False)[0]
-    else:
-        net = models.frozen(models.build_feature_net('tiny', not args.random_init), device)
-        feats = lambda x: models.featnet_features(x, net, device=device, progress=False)[0]
-    preset = models.preset_of(args.depth)
-    ref = data.load_reference(args.val_ref or 'shapes', preset['resolution'], 10000)
+    net = checkpoints.load_eval_net(args.val_net, args.random_init, args.ckpt_dir, device)
+    batch = 256 if args.val_net == 'judge' else 64
+    feats = lambda x: features.extract(args.val_net, x, net, batch, device, progress=False)[0]
+    ref = data.load_reference(args.val_ref or 'shapes', preset.resolution, 10000)
     if args.val_net == 'inception' and ref['stats'] is not None and ref['stats']['mu'].shape == (2048,):
         stats = ref['stats']['mu'], ref['stats']['sigma']
     else:
@@ -352,7 +317,7 @@ def train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, ar
         logits_BLV, g_BLC, cond_logits = guided_logits(var, injector, labels_B, ctx_idx, args.w_train, args.inject,
                                                        args.fake_cfg if use_d else 0.0)
         if use_d:
-            scales = None if args.disc_scales == 'all' else torch.randint(1, SN, (per_device,), device=device)
+            scales = torch.randint(1, SN, (per_device,), device=device)
             fake, real, labs = soft_decode.disc_images(var, logits_BLV, ctx_idx, gt_idx, labels_B, scales, args.decode,
                                                        TAU, real_probs, args.rao_k)
             # --- D step on real vs the current fakes
@@ -374,10 +339,7 @@ def train_step(step, img_B3HW, labels_B, vae, var, D, injector, opt_d, opt_g, ar
                  acc_real=(out_real > 0).float().mean(), acc_fake=(out_fake < 0).float().mean())
     stats = dict(zip(stats, rank_mean(torch.stack(list(stats.values())), world).tolist()))  # one all-reduce
     check(step + 1, {'loss_D': stats['loss_D'], 'R1': stats['r1'], 'loss_CE': stats['loss_CE']})
-    for i in range(args.d_steps if use_d else 0):
-        if i > 0:  # further D steps on the same real / fake pair (new DiffAugment draws), before the injector's
-            with accelerator.autocast():
-                loss_D = models.hinge_d_loss(D(real, labs), D(fake.detach(), labs))
+    if use_d:
         opt_d.zero_grad(set_to_none=True)
         loss_D.backward()
         sync_grads(list(D.head_parameters()), world)
@@ -414,8 +376,7 @@ def real_temperatures(args, dataset, var, device, log=print, n=64):
     n = min(n, len(dataset))  # a small debugging folder calibrates on what it has
     log(f'[AID-VAR] matching the soft reals\' temperatures to the VAR on {n} training images (one teacher-forced pass)')
     img_B3HW, labels_B = next(data.epoch_batches(dataset, 0, 0, n, 0, 1, args.seed, 0))
-    temps = soft_decode.matched_real_temperatures(var, img_B3HW.to(device).float(), labels_B.to(device), TAU,
-                                                  args.real_match)
+    temps = soft_decode.matched_real_temperatures(var, img_B3HW.to(device).float(), labels_B.to(device), TAU)
     return [round(t, 6) for t in temps]
 
 
@@ -465,53 +426,47 @@ def make_accelerator(args):
     return accelerator
 
 
-def resume_decision(args, out_dir: Path):
-    """('error', message) or ('ok', path of the checkpoint to resume from, or None for a fresh start)."""
-    if args.resume is None:
+def load_resume(args, out_dir: Path, accelerator):
+    """(checkpoint, its path) to resume from, or (None, None) for a fresh start. Decided on the main process: one
+    decision for all ranks, and a rank that cannot see the file stops every rank with one message instead of leaving
+    them waiting in a collective. One-line SystemExit for a run folder that holds a run without --resume, and for a
+    missing, foreign or unfitting checkpoint."""
+    box = [(None, None)]
+    if accelerator.is_main_process and args.resume is None:
         log = out_dir / 'log.jsonl'
         held = [f for f in RUN_FILES if (out_dir / f).is_file()] + (['log.jsonl'] if log.is_file() and log.stat().st_size else [])
-        return ('error', f'[AID-VAR] {out_dir} already holds a run ({", ".join(held)}); continue it with --resume auto, '
-                         f'or choose another --out_dir. Nothing was overwritten.') if held else ('ok', None)
-    path = out_dir / 'last.pt' if args.resume == 'auto' else Path(args.resume)
-    if args.resume != 'auto' and not path.is_file():
-        return ('error', f"[AID-VAR] --resume {path}: no such file (give the last.pt of a run, or --resume auto).")
-    return ('ok', str(path) if path.is_file() else None)
-
-
-def decide_resume(args, out_dir: Path, accelerator):
-    """The checkpoint to resume from (a Path) or None, decided on the main process: one decision for all ranks, and a
-    rank that cannot see the file stops every rank with one message instead of leaving them waiting in a collective."""
-    box = [resume_decision(args, out_dir) if accelerator.is_main_process else None]
+        if held:
+            box = [(f'[AID-VAR] {out_dir} already holds a run ({", ".join(held)}); continue it with --resume auto, or '
+                    f'choose another --out_dir. Nothing was overwritten.', None)]
+    elif accelerator.is_main_process:
+        path = out_dir / 'last.pt' if args.resume == 'auto' else Path(args.resume)
+        if args.resume != 'auto' and not path.is_file():
+            box = [(f"[AID-VAR] --resume {path}: no such file (give the last.pt of a run, or --resume auto).", None)]
+        box = [(box[0][0], str(path) if path.is_file() else None)]
     if accelerator.num_processes > 1:
         broadcast_object_list(box)
-    kind, value = box[0]
-    if kind == 'error':
-        raise SystemExit(value)
-    if value is not None and accelerator.num_processes > 1:
-        blind = [r for r, ok in gather_object([(accelerator.process_index, Path(value).is_file())]) if not ok]
+    error, path = box[0]
+    if error:
+        raise SystemExit(error)
+    if path is None:
+        return None, None
+    path = Path(path)
+    if accelerator.num_processes > 1:
+        blind = [r for r, ok in gather_object([(accelerator.process_index, path.is_file())]) if not ok]
         if blind:
-            raise SystemExit(f'[AID-VAR] --resume {args.resume}: the main process resumes from {value}, but rank(s) '
+            raise SystemExit(f'[AID-VAR] --resume {args.resume}: the main process resumes from {path}, but rank(s) '
                              f'{blind} cannot see that file. Put --out_dir on a file system every node shares, or copy '
                              f'the checkpoint to the same path on every node.')
-    return None if value is None else Path(value)
-
-
-def read_resume(path: Path, args) -> dict:
-    """A train_injector.py checkpoint, checked to be one and to fit this run's settings (else one-line SystemExit)."""
     if path.suffix == '.safetensors':
         raise SystemExit(f'[AID-VAR] --resume {path} is an injector file (weights only, no optimiser state or step), '
                          f'not a training checkpoint: give the last.pt that train_injector.py writes beside it.')
-    try:
-        ck = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated zip, garbage, a pickle of something else
-        raise SystemExit(f'[AID-VAR] --resume {path} ({path.stat().st_size:,} bytes) is not a readable checkpoint '
-                         f'({data.first_line(e)}): it is truncated or not a torch file. Give the last.pt of a run.') from None
+    ck = checkpoints.torch_load(path, 'checkpoint', 'Give --resume the last.pt of a run.')
     is_dict = isinstance(ck, dict)
     if not (is_dict and all(k in ck for k in RESUME_KEYS) and isinstance(ck['args'], dict)):
         if is_dict and 'meta' in ck and 'state_dict' in ck:
             what = 'an injector file (weights only, no optimiser state or step)'
         elif is_dict and ck and all(torch.is_tensor(v) for v in ck.values()):
-            what = models.describe_state_dict(ck)
+            what = checkpoints.describe_state_dict(ck)
         else:
             what = f'a {type(ck).__name__}' + (f' with keys {sorted(map(str, ck))[:6]}' if is_dict else '')
         raise SystemExit(f'[AID-VAR] --resume {path} is {what}, not a training checkpoint: give the last.pt that '
@@ -520,29 +475,18 @@ def read_resume(path: Path, args) -> dict:
         if ck['args'].get(k) != getattr(args, k):
             raise SystemExit(f'[AID-VAR] --resume {path}: it was trained with --{k} {ck["args"].get(k)}, now --{k} '
                              f'{getattr(args, k)}.')
-    return ck
+    return ck, path
 
 
-def apply_resume(ck, path, injector, D, opt_g, opt_d) -> int:
-    """Loads the states of a read_resume checkpoint; returns its step."""
-    for what, load in dict(injector=injector.load_state_dict, disc_heads=D.load_heads_state_dict,
-                           opt_g=opt_g.load_state_dict, opt_d=opt_d.load_state_dict).items():
-        try:
-            load(ck[what])
-        except Exception as e:  # shapes / keys of another model
-            raise SystemExit(f'[AID-VAR] --resume {path}: its {what} does not fit this run ({data.first_line(e)}).') from None
-    return int(ck['step'])
-
-
-def truncate_log(path: Path, step: int):
-    """Keeps the rows of log.jsonl up to `step` (a resume repeats the steps after its checkpoint); atomic."""
+def kept_log_rows(path: Path, step: int) -> str:
+    """The rows of log.jsonl up to `step` (a resume repeats the steps after its checkpoint; a half-written last line
+    of a killed run goes too)."""
     def kept(line):
         try:
             return json.loads(line)['step'] <= step
-        except (ValueError, KeyError, TypeError):  # a half-written last line of a killed run
+        except (ValueError, KeyError, TypeError):
             return False
-    if path.is_file():
-        data.atomic_save(''.join(line + '\n' for line in path.read_text().splitlines() if kept(line)), path)
+    return ''.join(line + '\n' for line in path.read_text().splitlines() if kept(line)) if path.is_file() else ''
 
 
 def tracker_values(d: dict) -> dict:
@@ -555,11 +499,11 @@ def tracker_values(d: dict) -> dict:
 
 def main(argv=None):
     args = resolve_args(argv)
+    preset = models.resolve_preset(args.depth)
     accelerator = make_accelerator(args)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     out_dir = Path(args.out_dir)
-    resume = decide_resume(args, out_dir, accelerator)  # before anything is written or loaded
-    ck = read_resume(resume, args) if resume else None
+    ck, resume = load_resume(args, out_dir, accelerator)  # before anything is written or loaded
     changed = [f'--{k} {v} -> {getattr(args, k)}' for k, v in (ck or {}).get('args', {}).items()
                if k != 'resume' and hasattr(args, k) and getattr(args, k) != v]
     if changed:
@@ -577,16 +521,22 @@ def main(argv=None):
     total_steps = args.max_steps if args.max_steps is not None else int(args.epochs * steps_per_epoch)
 
     with accelerator.main_process_first():  # downloads (checkpoints, DINO) happen once, the other ranks then read the cache
-        vae, var, D, injector = build_everything(args, device)
+        vae, var, D, injector = build_everything(args, preset, device)
     # into the injector's metadata (sample.py warns when used on another VAR); only the main process writes it
-    var_sha256 = models.weights_sha256(var) if accelerator.is_main_process else None
+    var_sha256 = checkpoints.weights_sha256(var) if accelerator.is_main_process else None
     real_temps = real_temperatures(args, dataset, var, device, accelerator.print)
     opt_g = torch.optim.AdamW(injector.parameters(), lr=args.lr_g, betas=(0.9, 0.999), weight_decay=1e-5)
     opt_d = torch.optim.AdamW(D.head_parameters(), lr=args.lr_d, betas=(0.9, 0.999), weight_decay=1e-5)
     ckpt_path = out_dir / 'last.pt'
     step, last_ckpt_step = 0, None
     if ck is not None:
-        step = last_ckpt_step = apply_resume(ck, resume, injector, D, opt_g, opt_d)
+        for what, load in dict(injector=injector.load_state_dict, disc_heads=D.load_heads_state_dict,
+                               opt_g=opt_g.load_state_dict, opt_d=opt_d.load_state_dict).items():
+            try:
+                load(ck[what])
+            except (RuntimeError, KeyError, ValueError) as e:  # shapes / keys of another model
+                raise SystemExit(f'[AID-VAR] --resume {resume}: its {what} does not fit this run ({data.first_line(e)}).') from None
+        step = last_ckpt_step = int(ck['step'])
         del ck
         accelerator.print(f'[AID-VAR] resumed from {resume} at step {step}')
 
@@ -614,7 +564,7 @@ def main(argv=None):
             data.atomic_save(dict(injector=injector.state_dict(), disc_heads=D.heads_state_dict(), opt_g=opt_g.state_dict(),
                                   opt_d=opt_d.state_dict(), step=step, args=vars(args), world=world,
                                   weights_checksum=float(sums)), ckpt_path)
-            models.save_injector(out_dir / 'injector.safetensors', injector, injector_meta(val))
+            checkpoints.save_injector(out_dir / 'injector.safetensors', injector, injector_meta(val))
         accelerator.wait_for_everyone()
 
     config = dict(vars(args), real_temps=real_temps, world=world, per_device_batch_size=per_device,
@@ -624,7 +574,8 @@ def main(argv=None):
     log_f = None
     if accelerator.is_main_process:
         data.atomic_save(json.dumps(config, indent=1, sort_keys=True) + '\n', out_dir / 'config.json')
-        truncate_log(out_dir / 'log.jsonl', step)  # rows after the checkpoint are recomputed below
+        if (out_dir / 'log.jsonl').is_file():  # rows after the checkpoint are recomputed below
+            data.atomic_save(kept_log_rows(out_dir / 'log.jsonl', step), out_dir / 'log.jsonl')
         log_f = open(out_dir / 'log.jsonl', 'a')
     accelerator.wait_for_everyone()
     if args.report_to != 'none':
@@ -634,7 +585,7 @@ def main(argv=None):
     history = [v for v in json.loads(val_path.read_text())['history'] if v['step'] <= step] \
         if val_path.is_file() and resume is not None else []
     if args.val_n and accelerator.is_main_process:
-        val_setup = validation_setup(args, device)
+        val_setup = validation_setup(args, preset, device)
     elif not args.val_n:
         accelerator.print('[AID-VAR] --val_n 0: no validation; the injector will carry no verdict on whether it helps')
     bar = data.progress(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc='AID-VAR',
@@ -667,7 +618,7 @@ def main(argv=None):
                         history.append(val)
                         best = best_validation(history)
                         if args.val_at == 'ckpt' and best is val:
-                            models.save_injector(out_dir / 'injector_best.safetensors', injector, injector_meta(val))
+                            checkpoints.save_injector(out_dir / 'injector_best.safetensors', injector, injector_meta(val))
                         data.atomic_save(json.dumps(dict(last=val, best_step=best['step'], history=history), indent=1) + '\n',
                                          val_path)
                         bar.write(f'[AID-VAR] {verdict_line(val)}')  # main process only: val_setup is None elsewhere

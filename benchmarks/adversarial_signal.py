@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import checkpoints  # noqa: E402
 import data  # noqa: E402
+import features  # noqa: E402
 import iscs  # noqa: E402
 import models  # noqa: E402
 import soft_decode  # noqa: E402
@@ -53,9 +55,9 @@ def trained_disc(args, out):
         run(['train_injector.py', '--plant', 'shift', '--lambda_rec', '0', '--lr_g', '0', '--max_steps', str(args.d_steps),
              '--val_n', '0', '--sample_every', '0', '--out_dir', str(d_dir), *args.train_args.split()], out / 'disc.log')
     preset = models.PRESETS['tiny']
-    D = models.ProjectedDiscriminator(models.load_featnet(), num_classes=preset['num_classes'], norm=preset['disc_norm'],
-                                      diffaug=preset['disc_aug'])
-    D.load_heads_state_dict(torch.load(d_dir / 'last.pt', map_location='cpu', weights_only=True)['disc_heads'])
+    D = models.ProjectedDiscriminator(checkpoints.load_eval_net('featnet'), num_classes=preset['num_classes'],
+                                      norm=preset['disc_norm'], diffaug=preset['disc_aug'])
+    D.load_heads_state_dict(checkpoints.torch_load(d_dir / 'last.pt')['disc_heads'])
     return D.eval().requires_grad_(False)
 
 
@@ -114,9 +116,9 @@ def nudge_table(args, var, D):
     r_N3HW = torch.randn(x_N3HW.shape, generator=torch.Generator().manual_seed(0))
     r_N3HW = r_N3HW / r_N3HW.flatten(1).norm(dim=1)[:, None, None, None]
     ref, _ = data.make_shapes(10000, seed=data.REF_SHAPES_SEED)
-    featnet, judge = models.load_featnet(), models.load_judge()
-    nets = dict(featnet=lambda u8: models.featnet_features(u8, featnet, progress=False)[0],
-                judge=lambda u8: models.judge_features(u8, judge, progress=False)[0])
+    featnet, judge = checkpoints.load_eval_net('featnet'), checkpoints.load_eval_net('judge')
+    nets = dict(featnet=lambda u8: features.featnet_features(u8, featnet, progress=False)[0],
+                judge=lambda u8: features.judge_features(u8, judge, progress=False)[0])
     ref_stats = {k: iscs.feature_stats(f(ref)) for k, f in nets.items()}
     rows = []
     for kind, d_N3HW in (('D gradient', g_N3HW), ('random', r_N3HW)):
@@ -138,7 +140,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     D = trained_disc(args, out)
-    _, var = models.load_tiny()
+    _, var = checkpoints.load_tiny()
     delta = models.plant_error(var, 'shift')
     img, lab = data.make_shapes(16 * args.batches, seed=77)
     img, lab = data.to_signed(torch.from_numpy(img)), torch.from_numpy(lab)

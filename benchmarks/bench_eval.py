@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import features  # noqa: E402
 import models  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -40,9 +41,9 @@ def main():
     rng = np.random.default_rng(0)
     u8_tiny = rng.integers(0, 256, (B, 32, 32, 3), dtype=np.uint8)
     u8_real = rng.integers(0, 256, (B, 256, 256, 3), dtype=np.uint8)
-    featnet = models.frozen(models.build_feature_net('tiny', pretrained=False), dev)
-    inception = models.frozen(models.FIDInceptionV3(), dev)
-    dino = models.frozen(models.build_feature_net('real', pretrained=False), dev)
+    featnet = models.frozen(models.build_featnet(), dev)
+    inception = models.frozen(features.FIDInceptionV3(), dev)
+    dino = models.frozen(models.build_dino(), dev)
     x_real = torch.rand(B, 3, 256, 256, device=dev) * 2 - 1
     vae_t, _ = models.build_tiny()
     vae_t = models.frozen(vae_t, dev)
@@ -50,10 +51,10 @@ def main():
     tok_t = rng.integers(0, models.TINY['V'], (B, L_t))
 
     cases = {
-        'featnet': lambda: models.featnet_features(u8_tiny, featnet, B, dev, progress=False),
-        'inception': lambda: models.inception_features(u8_real, inception, B, dev, progress=False),
-        'dino': lambda: models.vit_cls(dino, x_real),
-        'iscs_tiny': lambda: models.scale_features(vae_t, featnet, tok_t, models.TINY['patch_nums'], B, dev,
+        'featnet': lambda: features.featnet_features(u8_tiny, featnet, B, dev, progress=False),
+        'inception': lambda: features.inception_features(u8_real, inception, B, dev, progress=False),
+        'dino': lambda: features.vit_cls(dino, x_real),
+        'iscs_tiny': lambda: features.scale_features(vae_t, featnet, tok_t, models.TINY['patch_nums'], B, dev,
                                                      progress=False),
     }
     if args.real_vae:
@@ -62,7 +63,7 @@ def main():
         for prm in vae_r.parameters():
             torch.nn.init.normal_(prm, std=0.02)
         tok_r = rng.integers(0, 4096, (B, sum(pn * pn for pn in models.REAL_PATCH_NUMS)))
-        cases['iscs_real'] = lambda: models.scale_features(vae_r, dino, tok_r, models.REAL_PATCH_NUMS, B, dev,
+        cases['iscs_real'] = lambda: features.scale_features(vae_r, dino, tok_r, models.REAL_PATCH_NUMS, B, dev,
                                                              progress=False)
     times = {k: [] for k in cases}
     with torch.no_grad():

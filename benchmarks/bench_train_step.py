@@ -32,10 +32,10 @@ p.add_argument('--steps', type=int, default=3)
 
 def measure(args, mode, tmp):
     """s/step, peak RSS, threads and GFLOP per step of train_injector.py --inject mode (R1 off: a step without R1)."""
-    preset = models.preset_of(None if args.tiny else args.depth)
-    n, side = max(args.batch, 64), preset['resolution']  # 64 images: the soft reals' temperature match
+    preset = models.resolve_preset(None if args.tiny else args.depth)
+    n, side = max(args.batch, 64), preset.resolution  # 64 images: the soft reals' temperature match
     images = np.random.default_rng(0).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
-    data.save_npz(tmp / 'data.npz', dict(arr_0=images, labels=np.arange(n) % preset['num_classes']))
+    data.save_npz(tmp / 'data.npz', dict(arr_0=images, labels=np.arange(n) % preset.num_classes))
     argv = ['train_injector.py', '--random_init', '--inject', mode, '--global_batch_size', str(args.batch),
             '--r1_gamma', '0', '--sample_every', '0', '--num_workers', '0', '--mixed_precision', 'no',
             '--data_path', str(tmp / 'data.npz')] + ([] if args.tiny else ['--depth', str(args.depth)])

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 import soft_decode  # noqa: E402
@@ -59,7 +60,7 @@ def make_pairs(vae, var, n, seed):
     g = torch.Generator().manual_seed(seed)
     out = {key: [] for key in ('real', 'real_soft', 'soft', 'hard', 'label', 'k')}
     img0, lab0 = data.to_signed(ds.images_NHW3[:64]), ds.labels[:64]  # train_injector.real_temperatures' recipe
-    temps = soft_decode.matched_real_temperatures(var, img0, lab0, 1.0, 'entropy')
+    temps = soft_decode.matched_real_temperatures(var, img0, lab0, 1.0)
     for i in range(0, n, 100):
         img, lab = data.to_signed(ds.images_NHW3[i:i + 100]), ds.labels[i:i + 100]
         gt = vae.img_to_idxBl(img)
@@ -108,8 +109,8 @@ def main():
     args = p.parse_args()
     if args.n_eval % 80 or args.n_eval >= args.n:
         raise SystemExit(f'--n_eval must be a multiple of 80 and smaller than --n ({args.n_eval}, {args.n})')
-    vae, var = models.load_tiny()
-    featnet = models.load_featnet()
+    vae, var = checkpoints.load_tiny()
+    featnet = checkpoints.load_eval_net('featnet')
     t0 = time.perf_counter()
     pairs = make_pairs(vae, var, args.n, args.seed)
     print(f'[D teacher fakes] {args.n} pairs in {time.perf_counter() - t0:.0f} s')

@@ -13,9 +13,9 @@ Rows:
                       from its log.jsonl (median after one warm-up step) and the run's peak GPU memory (the paper
                       reports 14.8 GB at d16)
   fid_inception       evaluate.py's FID InceptionV3 on 256x256 uint8 samples, resize to 299 included: images/s
-  dino                DINO ViT-S/16 CLS features (models.vit_cls, resize to 224 included) of 256x256 images: images/s
+  dino                DINO ViT-S/16 CLS features (features.vit_cls, resize to 224 included) of 256x256 images: images/s
   iscs                ISCS per 1,000 generated samples: 10 prefix decodes + 10 DINO passes per sample
-                      (models.scale_features, timed on one batch and scaled) + iscs.py's joint statistics and 9
+                      (features.scale_features, timed on one batch and scaled) + iscs.py's joint statistics and 9
                       Frechet distances (timed on 1,000 rows); the reference side is cached by evaluate.py
 Each row is guarded: a failure (out of memory, say) is printed in full and recorded in its row, the other rows still
 run, and the exit status is 1. --tiny runs the same code on the CPU with the tiny geometry and small batches
@@ -43,7 +43,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import checkpoints  # noqa: E402
 import data  # noqa: E402
+import features  # noqa: E402
 import models  # noqa: E402
 import perf  # noqa: E402  (benchmarks/perf.py)
 
@@ -200,11 +202,11 @@ class Check:
     def train(self, depth, inject):
         """train_injector.py run as a script (no import of it): what is timed is the script's own step."""
         batch, steps = self.size['train_batch'], 1 + self.reps  # one warm-up step
-        preset, n = models.preset_of(None if self.tiny else depth), max(batch, 64)  # 64: the soft reals' temperatures
-        side = preset['resolution']
+        preset, n = models.resolve_preset(None if self.tiny else depth), max(batch, 64)  # 64: the soft reals' temperatures
+        side = preset.resolution
         with tempfile.TemporaryDirectory() as tmp:
             images = np.random.default_rng(0).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
-            data.save_npz(f'{tmp}/data.npz', dict(arr_0=images, labels=np.arange(n) % preset['num_classes']))
+            data.save_npz(f'{tmp}/data.npz', dict(arr_0=images, labels=np.arange(n) % preset.num_classes))
             argv = ['--random_init', '--inject', inject, '--global_batch_size', str(batch), '--max_steps', str(steps),
                     '--r1_gamma', '0', '--sample_every', '0', '--ckpt_every', str(steps), '--num_workers', '0',
                     '--data_path', f'{tmp}/data.npz', '--out_dir', f'{tmp}/run',
@@ -222,28 +224,28 @@ class Check:
                      note='steps without R1; the paper reports 14.8 GB at d16'))
 
     def fid_inception(self):
-        net = models.FIDInceptionV3().to(self.dev).eval().requires_grad_(False)
+        net = features.FIDInceptionV3().to(self.dev).eval().requires_grad_(False)
         batch, n = self.size['feat_batch'], self.size['feat_n']
         u8 = np.random.default_rng(0).integers(0, 256, (n, 256, 256, 3), dtype=np.uint8)
         # the ADM resize needs torch-fidelity; without it the pytorch-fid resize (same cost class) is timed
         pipeline = 'adm' if importlib.util.find_spec('torch_fidelity') else 'pytorch-fid'
-        feats = lambda x: models.inception_features(x, net, batch, self.dev, progress=False, pipeline=pipeline)
+        feats = lambda x: features.inception_features(x, net, batch, self.dev, progress=False, pipeline=pipeline)
         feats(u8[:batch])
         return (dict(images_per_s=n / self.median_time(lambda: feats(u8))),
                 dict(batch=batch, n=n, pipeline=pipeline, precision=str(next(net.parameters()).dtype)))
 
     def dino(self):
         torch.manual_seed(0)
-        net = models.frozen(models.build_backbone_dino(pretrained=False), self.dev)
+        net = models.frozen(models.build_dino(), self.dev)
         batch, n = self.size['feat_batch'], self.size['feat_n']
         x = torch.rand(batch, 3, 256, 256, device=self.dev) * 2 - 1
 
         def feats():
             with torch.no_grad():
                 for _ in range(n // batch):
-                    models.vit_cls(net, x)
+                    features.vit_cls(net, x)
         with torch.no_grad():
-            models.vit_cls(net, x)
+            features.vit_cls(net, x)
         return dict(images_per_s=n // batch * batch / self.median_time(feats)), dict(batch=batch, precision='float32')
 
     def iscs(self):
@@ -251,12 +253,12 @@ class Check:
         batch, n_stats = self.size['iscs_batch'], self.size['iscs_stats_n']
         torch.manual_seed(0)
         vae = models.build_tiny(init=True)[0] if self.tiny else models.build_vae_var(device=self.dev, depth=16)[0]
-        feat_net = models.build_feature_net('tiny' if self.tiny else 'real', pretrained=False)
+        feat_net = models.build_featnet() if self.tiny else models.build_dino()
         vae, feat_net = models.frozen(vae, self.dev), models.frozen(feat_net, self.dev)
         pns = vae.quantize.v_patch_nums
         rng = np.random.default_rng(0)
         tok = rng.integers(0, vae.vocab_size, (batch, sum(pn * pn for pn in pns)))
-        feats = lambda t: models.scale_features(vae, feat_net, t, pns, batch, self.dev, progress=False)
+        feats = lambda t: features.scale_features(vae, feat_net, t, pns, batch, self.dev, progress=False)
         D = feats(tok[:1]).shape[-1]  # warm-up
         t_feat = self.median_time(lambda: feats(tok)) / batch * 1000
         real = rng.standard_normal((n_stats, len(pns), D)).astype(np.float32)

@@ -14,7 +14,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import checkpoints  # noqa: E402
 import data  # noqa: E402
+import features  # noqa: E402
 import iscs  # noqa: E402
 import models  # noqa: E402
 from perf import run  # noqa: E402  (benchmarks/perf.py)
@@ -28,21 +30,21 @@ p.add_argument('--out', type=str, default='runs/judge_agreement.json')
 def main():
     args = p.parse_args()
     torch.set_num_threads(1)
-    j2_path = Path(args.judge2_dir) / models.TINY_FILES['judge']
+    j2_path = Path(args.judge2_dir) / checkpoints.TINY_FILES['judge']
     if not j2_path.is_file():
         run(['pretrain_tiny.py', '--stage', 'judge', '--seed', '1', '--judge_data_seed', '8', '--out_dir', args.judge2_dir],
             Path(args.judge2_dir).with_suffix('.log'))
     j2 = models.build_judge()
-    models.load_checked(j2, models.load_state_dict_file(j2_path), j2_path, 'the second judge')
-    judges = dict(judge=models.load_judge(), judge2=models.frozen(j2, 'cpu'))
+    checkpoints.load_checked(j2, checkpoints.load_state_dict_file(j2_path), j2_path, 'the second judge')
+    judges = dict(judge=checkpoints.load_eval_net('judge'), judge2=models.frozen(j2, 'cpu'))
     ref, _ = data.make_shapes(10000, seed=data.REF_SHAPES_SEED)
-    stats = {n: iscs.feature_stats(models.judge_features(ref, j, progress=False)[0]) for n, j in judges.items()}
+    stats = {n: iscs.feature_stats(features.judge_features(ref, j, progress=False)[0]) for n, j in judges.items()}
     out = {}
     for d in args.run_dirs:
         for f in sorted(Path(d).rglob('samples_w*.npz')):
             with np.load(f) as z:
                 x = z['arr_0']
-            out[str(f)] = {n: iscs.frechet_distance(*iscs.feature_stats(models.judge_features(x, j, progress=False)[0]),
+            out[str(f)] = {n: iscs.frechet_distance(*iscs.feature_stats(features.judge_features(x, j, progress=False)[0]),
                                                     *stats[n]) for n, j in judges.items()}
             print(f, {k: round(v, 1) for k, v in out[str(f)].items()}, flush=True)
     data.atomic_save(json.dumps(out, indent=1) + '\n', args.out)

@@ -34,6 +34,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 from perf import run  # noqa: E402  (benchmarks/perf.py)
@@ -79,10 +80,10 @@ def fid_of(args, out_dir, log, w, sample_flags):
 @torch.no_grad()
 def residual(plant, injector_path, n=256):
     """The planted statistic's residual for a trained injector (1 = untouched, 0 = removed), on held-out shapes."""
-    _, clean = models.load_tiny()
-    _, var = models.load_tiny()
+    _, clean = checkpoints.load_tiny()
+    _, var = checkpoints.load_tiny()
     err = models.plant_error(var, plant)
-    injector, meta = models.load_injector(injector_path, var)
+    injector, meta = checkpoints.load_injector(injector_path, var)
     w, inject = meta['w_train'], meta['inject']
     img, labels = data.make_shapes(n, seed=77)
     img, labels = data.to_signed(torch.from_numpy(img)), torch.from_numpy(labels)
@@ -114,7 +115,7 @@ def one_run(args, plant, arm, seed, out):
         run(['train_injector.py', '--plant', plant, '--seed', str(seed), '--out_dir', str(run_dir), '--sample_every', '0',
              '--resume', 'auto', *data, *steps, *args.train_args.split(), *ARMS[arm]], log)
         (run_dir / 'done').touch()
-    w = models.load_injector(run_dir / 'injector.safetensors', models.load_tiny()[1])[1]['w_train']
+    w = checkpoints.load_injector(run_dir / 'injector.safetensors', checkpoints.load_tiny()[1])[1]['w_train']
     res = dict(residual(plant, run_dir / 'injector.safetensors'), w=w)
     res.update(fid_of(args, run_dir / 'samples', log, w, ['--plant', plant, '--injector', str(run_dir / 'injector.safetensors')]))
     return res

@@ -32,7 +32,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import checkpoints  # noqa: E402
 import data  # noqa: E402
+import features  # noqa: E402
 import iscs  # noqa: E402
 import models  # noqa: E402
 from perf import run  # noqa: E402  (benchmarks/perf.py)
@@ -43,7 +45,7 @@ p.add_argument('--n_small', type=int, default=400, help='the small sample count 
 p.add_argument('--seeds', type=int, nargs='+', default=[1234, 2345, 3456],
                help='sampling seeds of the w = 0 VAR; the first is the one every paired row shares')
 p.add_argument('--release_w', type=float, default=0.001, help="the authors' release's hard-coded guidance weight")
-p.add_argument('--injector', type=str, default=str(models.tiny_file('injector')), help='the trained injector of row 5')
+p.add_argument('--injector', type=str, default=str(checkpoints.tiny_file('injector')), help='the trained injector of row 5')
 p.add_argument('--ref_n', type=int, default=10000, help='held-out reference shapes (seed 1000)')
 p.add_argument('--bootstrap', type=int, default=1000, help='bootstrap replicates of every interval')
 p.add_argument('--jobs', type=int, default=2, help='sample.py runs in parallel (one thread each)')
@@ -72,14 +74,14 @@ def untrained_injector(path, trained_meta, w, random_out: bool):
                                        broadcast=trained_meta.get('broadcast', False))
     if random_out:
         injector.proj_out.reset_parameters()
-        _, var = models.load_tiny()
+        _, var = checkpoints.load_tiny()
         img, _ = data.make_shapes(64, seed=77)
         g_BLC = models.teacher_guidance(var, injector.eval(), var.vae.img_to_idxBl(data.to_signed(torch.from_numpy(img))))
         scale = 0.5 / g_BLC[:, var.first_l:].square().mean(-1).sqrt().mean()
         injector.proj_out.weight.mul_(scale)
         injector.proj_out.bias.mul_(scale)
     meta = {k: v for k, v in trained_meta.items() if k not in ('validation', 'embed_dim', 'patch_nums', 'broadcast')}
-    models.save_injector(path, injector, dict(meta, w_train=w, step=0))
+    checkpoints.save_injector(path, injector, dict(meta, w_train=w, step=0))
     return path
 
 
@@ -100,7 +102,7 @@ def main():
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    trained_meta = models.read_injector_meta(args.injector)
+    trained_meta = checkpoints.read_injector_meta(args.injector)
     val = trained_meta.get('validation') or {}
     s0 = args.seeds[0]
     (out / 'injectors').mkdir(parents=True, exist_ok=True)
@@ -128,7 +130,7 @@ def main():
     if not all(paired_check.values()):
         raise SystemExit(f'paired rows do not share the labels and seeds of the w = 0 file: {paired_check}')
     ref = data.load_reference('shapes', base['images'].shape[1], args.ref_n)
-    nets = dict(judge=(models.load_judge(), models.judge_features), featnet=(models.load_featnet(), models.featnet_features))
+    nets = dict(judge=(checkpoints.load_eval_net('judge'), features.judge_features), featnet=(checkpoints.load_eval_net('featnet'), features.featnet_features))
     feats, ref_stats = {}, {}
     for name, (net, fn) in nets.items():
         ref_stats[name] = iscs.feature_stats(fn(ref['images'], net, desc=f'reference ({name})')[0])
@@ -146,7 +148,7 @@ def main():
                              p_lower=b['p_lower'])
         return row
 
-    rows = {f'more_smooth on vs off (w = 0, paired)': change('more_smooth', f'w0_seed{s0}', True)}
+    rows = {'more_smooth on vs off (w = 0, paired)': change('more_smooth', f'w0_seed{s0}', True)}
     size = {}
     for name, _ in NETS:
         small = [f for s in args.seeds for f in subset_fids(feats[name][f'w0_seed{s}'], smp[f'w0_seed{s}']['labels'],

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import data
+import features
 import iscs
 import models
 import soft_decode
@@ -19,7 +21,7 @@ from conftest import REPO
 
 @pytest.fixture(scope='module')
 def tiny():
-    _, var = models.load_tiny()
+    _, var = checkpoints.load_tiny()
     img, labels = data.make_shapes(8, seed=77)
     img, labels = data.to_signed(torch.from_numpy(img)), torch.from_numpy(labels)
     with torch.no_grad():
@@ -28,9 +30,9 @@ def tiny():
 
 
 def test_judge_is_shipped_and_accurate_on_held_out_shapes():
-    judge = models.load_judge()
+    judge = checkpoints.load_eval_net('judge')
     img, lab = data.make_shapes(500, seed=123)
-    feats, logits = models.judge_features(img, judge, progress=False)
+    feats, logits = features.judge_features(img, judge, progress=False)
     assert feats.shape == (500, 128) and np.mean(logits.argmax(1) == lab) > 0.98
     manifest = json.loads((REPO / 'weights' / 'MANIFEST.json').read_text())['tiny_judge.pt']
     assert manifest['metrics']['val_acc'] > 0.98 and manifest['train_seed'] != manifest['val_seed']
@@ -60,7 +62,7 @@ def test_lower_variance_estimators_on_a_fixed_batch(tiny):
     draws per image have lower variance than one straight-through Gumbel draw (measured 0.31x and 0.14x)."""
     var, labels, idx = tiny
     torch.manual_seed(0)
-    D = models.ProjectedDiscriminator(models.load_featnet(), num_classes=10, norm='none', diffaug='none')
+    D = models.ProjectedDiscriminator(checkpoints.load_eval_net('featnet'), num_classes=10, norm='none', diffaug='none')
     D.eval().requires_grad_(False)
     scales = torch.tensor([1, 2, 3, 4, 5, 1, 2, 3])
 
@@ -108,7 +110,7 @@ def validation_args(n=100, ws=(0.1,)):
 def test_validation_flags_an_injector_that_harms_and_passes_an_untrained_one(tiny):
     var = tiny[0]
     args = validation_args()
-    setup = train_injector.validation_setup(args, 'cpu')
+    setup = train_injector.validation_setup(args, models.resolve_preset(None), 'cpu')
     harmful = models.GuidanceInjector(var.C, var.patch_nums)
     torch.manual_seed(0)
     torch.nn.init.normal_(harmful.proj_out.weight, std=1.0)  # large random guidance: corrupts the token features
@@ -126,7 +128,7 @@ def test_validation_reads_the_same_fid_as_evaluate_on_the_judge(tiny, tmp_path):
     var = tiny[0]
     args = validation_args(n=60, ws=())
     args.val_w = []
-    feats_fn, (mu, sigma), _ = train_injector.validation_setup(args, 'cpu')
+    feats_fn, (mu, sigma), _ = train_injector.validation_setup(args, models.resolve_preset(None), 'cpu')
     labels = torch.arange(60) % 10
     imgs = np.concatenate([data.to_uint8(var.autoregressive_infer_cfg(len(lab), lab, cfg=1.5,
                                                                       g_seed=data.derived_seed(args.val_seed, b)))
@@ -138,12 +140,12 @@ def test_validation_reads_the_same_fid_as_evaluate_on_the_judge(tiny, tmp_path):
 
 
 def test_sample_says_when_the_injector_did_not_help_and_falls_back(tmp_path):
-    _, var = models.load_tiny()
+    _, var = checkpoints.load_tiny()
     injector = models.GuidanceInjector(var.C, var.patch_nums)
     torch.nn.init.normal_(injector.proj_out.weight, std=0.05)
     val = dict(step=150, verdict='harms', validated_w=0.0, FID_w0=10.0, n=300, seed=999, net='judge', desc='judge FID',
                rows=[dict(w=0.1, FID=14.0, change=4.0, ci95=[2.0, 6.0])])
-    models.save_injector(tmp_path / 'inj.safetensors', injector, dict(inject='input', w_train=0.1, validation=val))
+    checkpoints.save_injector(tmp_path / 'inj.safetensors', injector, dict(inject='input', w_train=0.1, validation=val))
     cmd = [sys.executable, 'sample.py', '--injector', str(tmp_path / 'inj.safetensors'), '--num_per_class', '1', '--out_dir']
     r = subprocess.run(cmd + [str(tmp_path / 'a')], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and 'did NOT help in its validation (harms' in r.stderr and (tmp_path / 'a' / 'samples_w0.1.npz').is_file()

@@ -6,7 +6,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from data import SHAPE_CLASSES, ShapesDataset, make_shapes
 import models
-from models import BatchNormLocal, GuidanceInjector, ProjectedDiscriminator, build_backbone_dino, diff_augment
+from checkpoints import load_dino
+from models import BatchNormLocal, GuidanceInjector, ProjectedDiscriminator, build_dino, diff_augment
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 TINY_PATCH_NUMS = (1, 2, 3, 4, 6, 8)
@@ -221,7 +222,7 @@ def test_disc_heads_state_dict_roundtrip():
 
 
 def test_dino_disc_layout_and_param_count(tmp_path):
-    bb = build_backbone_dino(pretrained=False)
+    bb = build_dino()
     D = ProjectedDiscriminator(bb, num_classes=1000)
     assert D.hooks == [2, 5, 8, 11] and D.img_size == (224, 224) and D.num_tokens == 196
     assert sum(p.numel() for p in D.head_parameters()) == 5 * 1_565_568
@@ -233,7 +234,7 @@ def test_dino_disc_layout_and_param_count(tmp_path):
     sd = {k: torch.randn_like(v) for k, v in bb.state_dict().items()}
     sd['head.weight'] = torch.zeros(3)
     torch.save(sd, tmp_path / 'dino.pth')
-    bb2 = build_backbone_dino(ckpt=tmp_path / 'dino.pth')
+    bb2 = load_dino(ckpt=tmp_path / 'dino.pth')
     assert torch.equal(bb2.state_dict()['blocks.3.attn.qkv.weight'], sd['blocks.3.attn.qkv.weight'])
 
 
@@ -241,11 +242,11 @@ def test_dino_missing_weights_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     missing = tmp_path / 'nope' / 'dino.pth'
     with pytest.raises(SystemExit) as e:
-        build_backbone_dino(ckpt=missing)
+        load_dino(ckpt=missing)
     msg = str(e.value.code)
     assert 'vit_small_patch16_224.dino' in msg and str(missing) in msg and 'hf download' in msg
     with pytest.raises(SystemExit) as e:
-        build_backbone_dino(pretrained=True, cache_dir=tmp_path / 'empty_cache')
+        load_dino(cache_dir=tmp_path / 'empty_cache')
     msg = str(e.value.code)
     assert 'vit_small_patch16_224.dino' in msg and 'empty_cache' in msg and 'offline' in msg
     assert '\n' not in msg

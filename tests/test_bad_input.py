@@ -10,13 +10,12 @@ import pytest
 import safetensors.torch
 import torch
 
+import checkpoints
 import evaluate
-import models
 import sample
 import train_disc_probe
 import train_injector as ti
 from conftest import FAST, SMALL
-
 
 
 def _one_line(e):
@@ -92,12 +91,11 @@ def test_resume_truncates_the_log_to_the_checkpoint(tmp_path, monkeypatch):
     assert config['start_step'] == 2 and config['resumed_from'] == str(tmp_path / 'last.pt')
 
 
-def test_truncate_log_drops_rows_after_the_step_and_half_lines(tmp_path):
+def test_kept_log_rows_drop_rows_after_the_step_and_half_lines(tmp_path):
     log = tmp_path / 'log.jsonl'
     log.write_text(''.join(json.dumps({'step': s, 'loss': 0.5}) + '\n' for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
-    ti.truncate_log(log, 2)
-    assert [json.loads(l)['step'] for l in log.read_text().splitlines()] == [1, 2]
-    ti.truncate_log(tmp_path / 'absent.jsonl', 2)  # no log yet: nothing to do
+    assert [json.loads(l)['step'] for l in ti.kept_log_rows(log, 2).splitlines()] == [1, 2]
+    assert ti.kept_log_rows(tmp_path / 'absent.jsonl', 2) == ''  # no log yet: nothing to keep
 
 
 # ----------------------------------------------------------------------------- --data_path on the tiny preset
@@ -211,7 +209,7 @@ def no_network(monkeypatch):
 def test_offline_checkpoint_fails_fast_with_current_advice(tmp_path, no_network):
     t0 = time.perf_counter()
     with pytest.raises(SystemExit) as e:
-        models.find_checkpoint('var_d16.pth', tmp_path)
+        checkpoints.find_checkpoint('var_d16.pth', tmp_path)
     assert time.perf_counter() - t0 < 2
     msg = _one_line(e)
     assert 'hf download FoundationVision/var var_d16.pth' in msg and 'huggingface-cli' not in msg
@@ -221,7 +219,7 @@ def test_offline_checkpoint_fails_fast_with_current_advice(tmp_path, no_network)
 def test_offline_dino_fails_fast_with_current_advice(tmp_path, no_network):
     t0 = time.perf_counter()
     with pytest.raises(SystemExit) as e:
-        models.build_backbone_dino(cache_dir=tmp_path)
+        checkpoints.load_dino(cache_dir=tmp_path)
     assert time.perf_counter() - t0 < 5  # timm import included
     msg = _one_line(e)
     assert 'hf download timm/vit_small_patch16_224.dino' in msg and 'huggingface-cli' not in msg
@@ -235,9 +233,9 @@ def test_hub_check_gives_up_after_its_timeout(monkeypatch):
         time.sleep(3)
         raise OSError('timed out')
     monkeypatch.setattr(socket, 'create_connection', hangs)
-    monkeypatch.setattr(models, 'HUB_CHECK_TIMEOUT', 0.2)
+    monkeypatch.setattr(checkpoints, 'HUB_CHECK_TIMEOUT', 0.2)
     t0 = time.perf_counter()
-    why = models.hub_unreachable()
+    why = checkpoints.hub_unreachable()
     assert time.perf_counter() - t0 < 1.5 and 'no answer within 0.2 s' in why
 
 
@@ -256,7 +254,7 @@ def test_fid_inception_download_checks_its_host_first(tmp_path, monkeypatch):
     monkeypatch.setattr(socket, 'create_connection', refused)
     monkeypatch.setattr(torch.hub, 'download_url_to_file', lambda *a, **kw: pytest.fail('download started'))
     with pytest.raises(SystemExit) as e:
-        models.load_fid_inception(tmp_path)
+        checkpoints.load_fid_inception(tmp_path)
     msg = _one_line(e)
     assert asked == [('github.com', 443)] and 'cannot be downloaded' in msg and 'HF_HUB_OFFLINE=1' in msg
 

@@ -10,7 +10,6 @@ import train_injector as ti
 from conftest import FAST
 
 
-
 class CropLike(torch.utils.data.Dataset):
     """Stands in for ImageFolder + RandomCrop: the 'crop offset' comes from torch's global RNG, as torchvision's does."""
 
@@ -55,7 +54,7 @@ def test_the_loader_does_not_touch_the_global_rng():
 
 
 class StubAcc:
-    """What decide_resume needs of an Accelerator, as seen by one rank of a 2-process run."""
+    """What load_resume needs of an Accelerator, as seen by one rank of a 2-process run."""
 
     def __init__(self, rank, main_decision, seen_by_rank):
         self.process_index, self.num_processes, self.is_main_process = rank, 2, rank == 0
@@ -84,23 +83,27 @@ def test_resume_auto_follows_the_main_process(tmp_path, two_ranks):
     nfs.mkdir()
     (nfs / 'last.pt').write_bytes(b'x')
     args = ti.resolve_args(FAST + ['--resume', 'auto', '--out_dir', str(tmp_path / 'local_to_rank1')])
-    two_ranks['acc'] = StubAcc(1, ('ok', str(nfs / 'last.pt')), {0: True, 1: True})
-    assert ti.decide_resume(args, Path(args.out_dir), two_ranks['acc']) == nfs / 'last.pt'
-    two_ranks['acc'] = StubAcc(1, ('ok', str(tmp_path / 'node0_only' / 'last.pt')), {0: True, 1: False})
+    two_ranks['acc'] = StubAcc(1, (None, str(nfs / 'last.pt')), {0: True, 1: True})
+    with pytest.raises(SystemExit) as e:  # rank 1 reads rank 0's file (here not a real checkpoint: it says so)
+        ti.load_resume(args, Path(args.out_dir), two_ranks['acc'])
+    assert f'{nfs / "last.pt"} (1 bytes) is not a readable checkpoint' in str(e.value)
+    two_ranks['acc'] = StubAcc(1, (None, str(tmp_path / 'node0_only' / 'last.pt')), {0: True, 1: False})
     with pytest.raises(SystemExit, match=r'rank\(s\) \[1\] cannot see'):
-        ti.decide_resume(args, Path(args.out_dir), two_ranks['acc'])
+        ti.load_resume(args, Path(args.out_dir), two_ranks['acc'])
     # the main process refuses (an earlier run without --resume): every rank gets the same message
-    two_ranks['acc'] = StubAcc(1, ('error', '[AID-VAR] X already holds a run; continue it with --resume auto'), {})
+    two_ranks['acc'] = StubAcc(1, ('[AID-VAR] X already holds a run; continue it with --resume auto', None), {})
     with pytest.raises(SystemExit, match='--resume auto'):
-        ti.decide_resume(ti.resolve_args(FAST), Path(args.out_dir), two_ranks['acc'])
+        ti.load_resume(ti.resolve_args(FAST), Path(args.out_dir), two_ranks['acc'])
 
 
 def test_resume_decision_on_the_main_process(tmp_path, two_ranks):
     (tmp_path / 'last.pt').write_bytes(b'x')
     two_ranks['acc'] = StubAcc(0, None, {0: True, 1: True})
     args = ti.resolve_args(FAST + ['--resume', 'auto', '--out_dir', str(tmp_path)])
-    assert ti.decide_resume(args, tmp_path, two_ranks['acc']) == tmp_path / 'last.pt'
-    assert ti.resume_decision(ti.resolve_args(FAST + ['--resume', 'auto']), tmp_path / 'empty') == ('ok', None)
+    with pytest.raises(SystemExit) as e:  # the main process found OUT_DIR/last.pt (not a real checkpoint here)
+        ti.load_resume(args, tmp_path, two_ranks['acc'])
+    assert f'{tmp_path / "last.pt"} (1 bytes) is not a readable checkpoint' in str(e.value)
+    assert ti.load_resume(ti.resolve_args(FAST + ['--resume', 'auto']), tmp_path / 'empty', two_ranks['acc']) == (None, None)
 
 
 def test_models_are_built_with_the_main_process_first(tmp_path, monkeypatch):

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-import evaluate
 import data
+import evaluate
 import models
 import sample
 import train_disc_probe

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evaluate
+import checkpoints
+import features
 import iscs
-import models
-from evaluate import inception_score, inception_score_per_split, kth_nn_sq_radii, precision_recall
-from models import inception_features, preprocess_uint8
-from iscs import feature_stats, frechet_distance
-from models import FID_WEIGHTS_NAME, FID_WEIGHTS_URL, FIDInceptionV3, load_fid_inception
+from checkpoints import FID_WEIGHTS_NAME, FID_WEIGHTS_URL, load_fid_inception
 from conftest import fixture_module
+from evaluate import inception_score, inception_score_per_split, kth_nn_sq_radii, precision_recall
+from features import FIDInceptionV3, inception_features, preprocess_uint8
+from iscs import feature_stats, frechet_distance
 
 # float64 vs outputs_f64: measured max abs error 2.8e-17 (logits 5.6e-17) on this CPU; the
 # README's 1e-14 leaves room for other BLAS/conv kernels and still catches every variant.
@@ -122,9 +122,9 @@ def test_fid_variants_and_bn_eps():
     assert len(bns) == 94 and all(m.eps == 1e-3 for m in bns)
     assert model.Mixed_7c.max_pool and not model.Mixed_7b.max_pool
     for name in ('Mixed_5b', 'Mixed_5c', 'Mixed_5d'):
-        assert isinstance(getattr(model, name), models.FIDInceptionA)
+        assert isinstance(getattr(model, name), features.FIDInceptionA)
     for name in ('Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e'):
-        assert isinstance(getattr(model, name), models.FIDInceptionC)
+        assert isinstance(getattr(model, name), features.FIDInceptionC)
     assert model.AuxLogits is None and model.fc.out_features == 1008
 
 
@@ -304,7 +304,7 @@ def test_load_download_failure_leaves_nothing(tmp_path, monkeypatch):
         raise OSError('Network is unreachable')
 
     monkeypatch.setattr(torch.hub, 'download_url_to_file', broken_download)
-    monkeypatch.setattr(models, 'hub_unreachable', lambda url=None: None)  # the host answers; the download breaks
+    monkeypatch.setattr(checkpoints, 'hub_unreachable', lambda url=None: None)  # the host answers; the download breaks
     with pytest.raises(SystemExit) as exc:
         load_fid_inception(tmp_path)
     msg = str(exc.value.code)
@@ -329,7 +329,7 @@ def test_load_via_download_is_atomic(tmp_path, monkeypatch, rule_weights_file, r
         shutil.copyfile(rule_weights_file, dst)
 
     monkeypatch.setattr(torch.hub, 'download_url_to_file', fake_download)
-    monkeypatch.setattr(models, 'hub_unreachable', lambda url=None: None)  # the host answers (the download is faked)
+    monkeypatch.setattr(checkpoints, 'hub_unreachable', lambda url=None: None)  # the host answers (the download is faked)
     model = load_fid_inception(tmp_path / 'ckpt')
     assert seen and not seen[0].endswith(FID_WEIGHTS_NAME)  # written under a temp name first
     assert sorted(p.name for p in (tmp_path / 'ckpt').iterdir()) == [FID_WEIGHTS_NAME]

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-import models
+import checkpoints
 from conftest import REPO
 
 
@@ -32,6 +32,6 @@ def test_one_depth16_step_on_a_small_jpeg_folder(tmp_path):
     rows = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
     assert [row['step'] for row in rows] == [1]
     assert all(math.isfinite(rows[0][k]) for k in ('loss_D', 'loss_adv', 'loss_CE'))
-    meta = models.read_injector_meta(out / 'injector.safetensors')
+    meta = checkpoints.read_injector_meta(out / 'injector.safetensors')
     assert meta['depth'] == 16 and meta['w_train'] == 0.001 and meta['embed_dim'] == 1024
     assert len(meta['patch_nums']) == 10 and len(meta['var_sha256']) == 64

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import data
 import models
 from data import make_shapes
@@ -29,13 +30,13 @@ CFG, TOP_K, TOP_P = 5.0, 20, 0.9
 
 @pytest.fixture(scope='module')
 def tiny():
-    vae, var = models.load_tiny()
+    vae, var = checkpoints.load_tiny()
     return vae, var
 
 
 @pytest.fixture(scope='module')
 def featnet():
-    return models.load_featnet()
+    return checkpoints.load_eval_net('featnet')
 
 
 @pytest.fixture(scope='module')
@@ -55,14 +56,14 @@ def test_shipped_files_load_and_are_small(tiny, featnet):
     vae, var = tiny
     assert var.vae is vae
     assert not any(p.requires_grad for m in (vae, var, featnet) for p in m.parameters())
-    sizes = {n: (models.TINY_DIR / models.TINY_FILES[n]).stat().st_size for n in ('vae', 'var', 'featnet')}
+    sizes = {n: (checkpoints.TINY_DIR / checkpoints.TINY_FILES[n]).stat().st_size for n in ('vae', 'var', 'featnet')}
     assert sum(sizes.values()) < 20e6, sizes
-    assert (models.TINY_DIR / 'MANIFEST.json').is_file()
+    assert (checkpoints.TINY_DIR / 'MANIFEST.json').is_file()
 
 
 def test_committed_weights_match_their_manifest():
     """Every file weights/MANIFEST.json lists is there, with its recorded size and sha256 (a truncated or swapped file fails)."""
-    folder = models.REPO_DIR / 'weights'
+    folder = checkpoints.REPO_DIR / 'weights'
     manifest = json.loads((folder / 'MANIFEST.json').read_text())
     assert manifest
     for name, entry in manifest.items():
@@ -117,7 +118,7 @@ def test_readme_quick_start_uses_the_shipped_injector_and_repeats_its_verdict(tm
     r = subprocess.run([sys.executable, 'sample.py', '--w', '0', '0.1', '--num_per_class', '2', '--out_dir', str(tmp_path)],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    val = models.read_injector_meta(models.TINY_DIR / models.TINY_FILES['injector'])['validation']
+    val = checkpoints.read_injector_meta(checkpoints.TINY_DIR / checkpoints.TINY_FILES['injector'])['validation']
     lines = [l for l in (r.stdout + r.stderr).splitlines() if 'validation' in l]
     assert len(lines) == 1 and f'{val["FID_w0"]:.2f} -> {val["rows"][0]["FID"]:.2f}' in lines[0]
     assert ('did NOT help' in lines[0]) == (val['verdict'] != 'helps')

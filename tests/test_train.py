@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import data
 import models
 import soft_decode
@@ -15,11 +16,10 @@ import train_injector as ti
 from conftest import FAST, REPO
 
 
-
 @pytest.fixture(scope='module')
 def parts():
     args = ti.resolve_args(FAST)
-    vae, var, D, G = ti.build_everything(args, 'cpu')
+    vae, var, D, G = ti.build_everything(args, models.resolve_preset(args.depth), 'cpu')
     torch.manual_seed(0)
     img = data.to_signed(torch.from_numpy(data.make_shapes(8, seed=5)[0]))
     labels = torch.arange(8) % 10
@@ -66,7 +66,7 @@ def _state(m):
 
 def test_only_injector_and_heads_change(tmp_path):
     args = ti.resolve_args(FAST)
-    vae0, var0, D0, G0 = ti.build_everything(args, 'cpu')
+    vae0, var0, D0, G0 = ti.build_everything(args, models.resolve_preset(None), 'cpu')
     out = ti.main(FAST + ['--max_steps', '3', '--r1_gamma', '0.2', '--r1_every', '2', '--sample_every', '3', '--out_dir', str(tmp_path)])
     for name, before in (('vae', vae0), ('var', var0)):
         after = out[name].state_dict()
@@ -99,7 +99,7 @@ def test_resume_is_exact(tmp_path):
     assert a['step'] == b['step'] == 4
     for part in ('injector', 'disc_heads'):
         assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
-    inj, meta = models.load_injector(tmp_path / 'b' / 'injector.safetensors', ti.build_everything(ti.resolve_args(FAST), 'cpu')[1])
+    inj, meta = checkpoints.load_injector(tmp_path / 'b' / 'injector.safetensors', ti.build_everything(ti.resolve_args(FAST), models.resolve_preset(None), 'cpu')[1])
     assert meta['inject'] == 'input' and meta['step'] == 4 and meta['w_train'] == models.PRESETS['tiny']['w_train']
 
 
@@ -156,7 +156,7 @@ def test_accelerate_two_processes_agree(tmp_path):
     assert ck['world'] == 2 and ck['step'] == 2
     assert len((out / 'log.jsonl').read_text().splitlines()) == 2
     ranks = [torch.load(out / f'rank{i}.pt', weights_only=True) for i in (0, 1)]
-    _, _, D0, G0 = ti.build_everything(ti.resolve_args(FAST), 'cpu')  # the weights every rank started from
+    _, _, D0, G0 = ti.build_everything(ti.resolve_args(FAST), models.resolve_preset(None), 'cpu')  # the weights every rank started from
     for part, init in (('injector', G0.state_dict()), ('disc_heads', D0.heads_state_dict())):
         a, b, saved = ranks[0][part], ranks[1][part], ck[part]
         assert a.keys() == b.keys() == saved.keys() == init.keys(), part
@@ -224,10 +224,10 @@ def test_training_ends_with_a_verdict_in_the_run_folder_and_the_injector(tmp_pat
     out = capsys.readouterr().out + capsys.readouterr().err
     val = json.loads((tmp_path / 'validation.json').read_text())
     assert [v['step'] for v in val['history']] == [1, 2] and val['last']['step'] == 2
-    meta = models.read_injector_meta(tmp_path / 'injector.safetensors')
+    meta = checkpoints.read_injector_meta(tmp_path / 'injector.safetensors')
     assert meta['validation'] == val['last'] and meta['g_draws'] == 2 and meta['fake_cfg'] == 1.5
     assert meta['validation']['verdict'] in ('helps', 'harms', 'no measurable effect')
-    best = models.read_injector_meta(tmp_path / 'injector_best.safetensors')['validation']
+    best = checkpoints.read_injector_meta(tmp_path / 'injector_best.safetensors')['validation']
     assert best['step'] == val['best_step'] and 'best validated weights' in out
     rows = [json.loads(l) for l in (tmp_path / 'log.jsonl').read_text().splitlines()]
     assert all(math.isfinite(r['loss_adv']) and math.isfinite(r['loss_D']) for r in rows)
