@@ -163,7 +163,8 @@ def check_paired(samples) -> None:
 # what each network's features are, for the json
 FEATURE_DESC = dict(featnet='tiny feature network CLS (pre-logits, 128-d); IS / class accuracy: its 10-class logits',
                     inception='FID InceptionV3 pool3 (2048-d); IS: 1008 logits without fc bias',
-                    judge='the judge CNN (models.build_judge, trained apart from D\'s backbone): penultimate 128-d, 10-class logits')
+                    judge="the judge CNN (models.build_judge, trained apart from D's backbone): penultimate 128-d, "
+                          '10-class logits')
 ISCS_DESC = dict(featnet='tiny feature network CLS', dino='DINO ViT-S/16 CLS (384-d)')
 
 

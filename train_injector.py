@@ -114,6 +114,7 @@ TRACKER_PROJECT = 'aid-var'
 
 
 def resolve_args(argv=None):
+    """(args, the preset of --depth): flags checked, the ones left at None filled in from the preset."""
     args = p.parse_args(argv)
     if args.config:  # its values as defaults: argparse fills only what the namespace lacks, so given flags win
         args = p.parse_args(argv, namespace=argparse.Namespace(**read_config(args.config)))
@@ -139,7 +140,7 @@ def resolve_args(argv=None):
     if args.val_n and not preset.tiny and args.val_ref is None:
         raise SystemExit('--val_n on the real models needs --val_ref: the ADM batch VIRTUAL_imagenet256_labeled.npz, a '
                          'real-image npz or an image folder (or --val_n 0: no validation, and no verdict)')
-    return args
+    return args, preset
 
 
 def loader_workers(flag) -> int:
@@ -498,8 +499,7 @@ def tracker_values(d: dict) -> dict:
 
 
 def main(argv=None):
-    args = resolve_args(argv)
-    preset = models.resolve_preset(args.depth)
+    args, preset = resolve_args(argv)
     accelerator = make_accelerator(args)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     out_dir = Path(args.out_dir)

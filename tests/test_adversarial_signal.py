@@ -104,7 +104,7 @@ def test_fake_cfg_is_the_samplers_mix_of_conditional_and_null_class_logits(tiny)
 
 
 def validation_args(n=100, ws=(0.1,)):
-    return train_injector.resolve_args(['--val_n', str(n)] + (['--val_w', *map(str, ws)] if ws else []))
+    return train_injector.resolve_args(['--val_n', str(n)] + (['--val_w', *map(str, ws)] if ws else []))[0]
 
 
 def test_validation_flags_an_injector_that_harms_and_passes_an_untrained_one(tiny):

@@ -82,7 +82,7 @@ def test_resume_auto_follows_the_main_process(tmp_path, two_ranks):
     nfs = tmp_path / 'nfs'
     nfs.mkdir()
     (nfs / 'last.pt').write_bytes(b'x')
-    args = ti.resolve_args(FAST + ['--resume', 'auto', '--out_dir', str(tmp_path / 'local_to_rank1')])
+    args, _ = ti.resolve_args(FAST + ['--resume', 'auto', '--out_dir', str(tmp_path / 'local_to_rank1')])
     two_ranks['acc'] = StubAcc(1, (None, str(nfs / 'last.pt')), {0: True, 1: True})
     with pytest.raises(SystemExit) as e:  # rank 1 reads rank 0's file (here not a real checkpoint: it says so)
         ti.load_resume(args, Path(args.out_dir), two_ranks['acc'])
@@ -93,17 +93,17 @@ def test_resume_auto_follows_the_main_process(tmp_path, two_ranks):
     # the main process refuses (an earlier run without --resume): every rank gets the same message
     two_ranks['acc'] = StubAcc(1, ('[AID-VAR] X already holds a run; continue it with --resume auto', None), {})
     with pytest.raises(SystemExit, match='--resume auto'):
-        ti.load_resume(ti.resolve_args(FAST), Path(args.out_dir), two_ranks['acc'])
+        ti.load_resume(ti.resolve_args(FAST)[0], Path(args.out_dir), two_ranks['acc'])
 
 
 def test_resume_decision_on_the_main_process(tmp_path, two_ranks):
     (tmp_path / 'last.pt').write_bytes(b'x')
     two_ranks['acc'] = StubAcc(0, None, {0: True, 1: True})
-    args = ti.resolve_args(FAST + ['--resume', 'auto', '--out_dir', str(tmp_path)])
+    args, _ = ti.resolve_args(FAST + ['--resume', 'auto', '--out_dir', str(tmp_path)])
     with pytest.raises(SystemExit) as e:  # the main process found OUT_DIR/last.pt (not a real checkpoint here)
         ti.load_resume(args, tmp_path, two_ranks['acc'])
     assert f'{tmp_path / "last.pt"} (1 bytes) is not a readable checkpoint' in str(e.value)
-    assert ti.load_resume(ti.resolve_args(FAST + ['--resume', 'auto']), tmp_path / 'empty', two_ranks['acc']) == (None, None)
+    assert ti.load_resume(ti.resolve_args(FAST + ['--resume', 'auto'])[0], tmp_path / 'empty', two_ranks['acc']) == (None, None)
 
 
 def test_models_are_built_with_the_main_process_first(tmp_path, monkeypatch):
@@ -146,12 +146,12 @@ def test_accelerate_launch_mixed_precision_is_honoured(monkeypatch, fresh_accele
     with no --mixed_precision flag, Accelerator must be left to read it."""
     monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'bf16')
     assert ti.resolve_mixed_precision(None) is None
-    assert ti.make_accelerator(ti.resolve_args(FAST)).mixed_precision == 'bf16'
+    assert ti.make_accelerator(ti.resolve_args(FAST)[0]).mixed_precision == 'bf16'
 
 
 def test_the_flag_wins_over_accelerate_config(monkeypatch, fresh_accelerate_state):
     monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'bf16')
-    assert ti.make_accelerator(ti.resolve_args(FAST + ['--mixed_precision', 'no'])).mixed_precision == 'no'
+    assert ti.make_accelerator(ti.resolve_args(FAST + ['--mixed_precision', 'no'])[0]).mixed_precision == 'no'
 
 
 def test_default_without_flag_or_launcher(monkeypatch):

@@ -18,8 +18,7 @@ from conftest import FAST, REPO
 
 @pytest.fixture(scope='module')
 def parts():
-    args = ti.resolve_args(FAST)
-    vae, var, D, G = ti.build_everything(args, models.resolve_preset(args.depth), 'cpu')
+    vae, var, D, G = ti.build_everything(*ti.resolve_args(FAST), 'cpu')
     torch.manual_seed(0)
     img = data.to_signed(torch.from_numpy(data.make_shapes(8, seed=5)[0]))
     labels = torch.arange(8) % 10
@@ -65,8 +64,7 @@ def _state(m):
 
 
 def test_only_injector_and_heads_change(tmp_path):
-    args = ti.resolve_args(FAST)
-    vae0, var0, D0, G0 = ti.build_everything(args, models.resolve_preset(None), 'cpu')
+    vae0, var0, D0, G0 = ti.build_everything(*ti.resolve_args(FAST), 'cpu')
     out = ti.main(FAST + ['--max_steps', '3', '--r1_gamma', '0.2', '--r1_every', '2', '--sample_every', '3', '--out_dir', str(tmp_path)])
     for name, before in (('vae', vae0), ('var', var0)):
         after = out[name].state_dict()
@@ -99,7 +97,7 @@ def test_resume_is_exact(tmp_path):
     assert a['step'] == b['step'] == 4
     for part in ('injector', 'disc_heads'):
         assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
-    inj, meta = checkpoints.load_injector(tmp_path / 'b' / 'injector.safetensors', ti.build_everything(ti.resolve_args(FAST), models.resolve_preset(None), 'cpu')[1])
+    inj, meta = checkpoints.load_injector(tmp_path / 'b' / 'injector.safetensors', ti.build_everything(*ti.resolve_args(FAST), 'cpu')[1])
     assert meta['inject'] == 'input' and meta['step'] == 4 and meta['w_train'] == models.PRESETS['tiny']['w_train']
 
 
@@ -156,7 +154,7 @@ def test_accelerate_two_processes_agree(tmp_path):
     assert ck['world'] == 2 and ck['step'] == 2
     assert len((out / 'log.jsonl').read_text().splitlines()) == 2
     ranks = [torch.load(out / f'rank{i}.pt', weights_only=True) for i in (0, 1)]
-    _, _, D0, G0 = ti.build_everything(ti.resolve_args(FAST), models.resolve_preset(None), 'cpu')  # the weights every rank started from
+    _, _, D0, G0 = ti.build_everything(*ti.resolve_args(FAST), 'cpu')  # the weights every rank started from
     for part, init in (('injector', G0.state_dict()), ('disc_heads', D0.heads_state_dict())):
         a, b, saved = ranks[0][part], ranks[1][part], ck[part]
         assert a.keys() == b.keys() == saved.keys() == init.keys(), part
@@ -249,7 +247,7 @@ def test_config_json_repeats_a_run_and_given_flags_win(tmp_path):
     cfg = str(tmp_path / 'a' / 'config.json')
     ti.main(['--config', cfg, '--out_dir', str(tmp_path / 'b')])
     assert _losses(tmp_path / 'a' / 'log.jsonl') == _losses(tmp_path / 'b' / 'log.jsonl')
-    args = ti.resolve_args(['--config', cfg, '--out_dir', str(tmp_path / 'c'), '--lr_g', '0.5'])
+    args, _ = ti.resolve_args(['--config', cfg, '--out_dir', str(tmp_path / 'c'), '--lr_g', '0.5'])
     assert args.lr_g == 0.5 and args.context == 'rollout' and args.r1_gamma == 0.2 and args.max_steps == 2
     (tmp_path / 'x.json').write_text('{"step": 3}')
     with pytest.raises(SystemExit, match='not a train_injector.py config.json'):
