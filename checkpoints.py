@@ -105,7 +105,11 @@ def torch_load(path, what: str = 'checkpoint', hint: str = ''):
         raise SystemExit(f'{path}: no such file ({what}). {hint}'.rstrip())
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, wrong format: all mean "not a usable file"
+    except MemoryError:  # a real file too large for this machine is not "corrupt"
+        raise
+    # broad on purpose: on arbitrary bytes torch's weights-only unpickler raises RuntimeError, UnpicklingError,
+    # EOFError, IndexError, ...; each means the file is not a usable torch file, and the cause is in the message
+    except Exception as e:
         raise SystemExit(f'{path} ({path.stat().st_size:,} bytes) is not a readable {what} ({data.first_line(e)}): it is '
                          f'probably truncated or corrupt (an interrupted download or write?), or not a torch file. '
                          f'{hint}'.rstrip()) from None

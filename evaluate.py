@@ -187,7 +187,7 @@ class Evaluator:
                                 desc=desc)
 
     def judge_features(self, images_NHWC_uint8, desc):
-        return features.extract('judge', images_NHWC_uint8, self.judge, 256, self.device, desc=desc)
+        return features.extract('judge', images_NHWC_uint8, self.judge, device=self.device, desc=desc)
 
     def vae(self):
         # random: the VQ-VAE of sample.py --random_init; real: the VQ-VAE alone (the VARs of every depth share it)

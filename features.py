@@ -218,10 +218,12 @@ def judge_features(images_NHWC_uint8, net, batch_size=256, device='cpu', progres
 EXTRACTORS = dict(featnet=featnet_features, judge=judge_features, inception=inception_features)
 
 
-def extract(name: str, images_NHWC_uint8, net, batch_size: int, device='cpu', progress=True, desc=None):
+def extract(name: str, images_NHWC_uint8, net, batch_size=None, device='cpu', progress=True, desc=None):
     """(features (N, D) float64, logits (N, K) float64) of uint8 images (N, H, W, 3) on the evaluation network `name`
-    (checkpoints.EVAL_NETS: 'featnet', 'judge', 'inception'); SystemExit if the network gives NaN / inf."""
-    f, lg = EXTRACTORS[name](images_NHWC_uint8, net, batch_size, device, progress, desc or name)
+    (checkpoints.EVAL_NETS: 'featnet', 'judge', 'inception'; batch_size None: that extractor's default); SystemExit if
+    the network gives NaN / inf."""
+    kw = {} if batch_size is None else dict(batch_size=batch_size)
+    f, lg = EXTRACTORS[name](images_NHWC_uint8, net, device=device, progress=progress, desc=desc or name, **kw)
     if not (np.isfinite(f).all() and np.isfinite(lg).all()):
         raise SystemExit(f'{desc or name}: the {name} network produced NaN / inf features (broken weights?)')
     return f, lg

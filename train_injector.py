@@ -211,8 +211,7 @@ def guided_logits(var, injector, labels_B, ctx_idx, w, inject, cfg=0.0):
 def validation_setup(args, preset, device):
     """(features: uint8 images (N, H, W, 3) -> (N, D) float64, reference (mu, sigma), a description)."""
     net = checkpoints.load_eval_net(args.val_net, args.random_init, args.ckpt_dir, device)
-    batch = 256 if args.val_net == 'judge' else 64
-    feats = lambda x: features.extract(args.val_net, x, net, batch, device, progress=False)[0]
+    feats = lambda x: features.extract(args.val_net, x, net, device=device, progress=False)[0]
     ref = data.load_reference(args.val_ref or 'shapes', preset.resolution, 10000)
     if args.val_net == 'inception' and ref['stats'] is not None and ref['stats']['mu'].shape == (2048,):
         stats = ref['stats']['mu'], ref['stats']['sigma']
@@ -432,18 +431,20 @@ def load_resume(args, out_dir: Path, accelerator):
     decision for all ranks, and a rank that cannot see the file stops every rank with one message instead of leaving
     them waiting in a collective. One-line SystemExit for a run folder that holds a run without --resume, and for a
     missing, foreign or unfitting checkpoint."""
-    box = [(None, None)]
+    error, path = None, None  # decided on the main process
     if accelerator.is_main_process and args.resume is None:
         log = out_dir / 'log.jsonl'
         held = [f for f in RUN_FILES if (out_dir / f).is_file()] + (['log.jsonl'] if log.is_file() and log.stat().st_size else [])
         if held:
-            box = [(f'[AID-VAR] {out_dir} already holds a run ({", ".join(held)}); continue it with --resume auto, or '
-                    f'choose another --out_dir. Nothing was overwritten.', None)]
+            error = (f'[AID-VAR] {out_dir} already holds a run ({", ".join(held)}); continue it with --resume auto, or '
+                     f'choose another --out_dir. Nothing was overwritten.')
     elif accelerator.is_main_process:
-        path = out_dir / 'last.pt' if args.resume == 'auto' else Path(args.resume)
-        if args.resume != 'auto' and not path.is_file():
-            box = [(f"[AID-VAR] --resume {path}: no such file (give the last.pt of a run, or --resume auto).", None)]
-        box = [(box[0][0], str(path) if path.is_file() else None)]
+        found = out_dir / 'last.pt' if args.resume == 'auto' else Path(args.resume)
+        if found.is_file():
+            path = str(found)
+        elif args.resume != 'auto':
+            error = f"[AID-VAR] --resume {found}: no such file (give the last.pt of a run, or --resume auto)."
+    box = [(error, path)]
     if accelerator.num_processes > 1:
         broadcast_object_list(box)
     error, path = box[0]

@@ -130,11 +130,11 @@ def main():
     if not all(paired_check.values()):
         raise SystemExit(f'paired rows do not share the labels and seeds of the w = 0 file: {paired_check}')
     ref = data.load_reference('shapes', base['images'].shape[1], args.ref_n)
-    nets = dict(judge=(checkpoints.load_eval_net('judge'), features.judge_features), featnet=(checkpoints.load_eval_net('featnet'), features.featnet_features))
     feats, ref_stats = {}, {}
-    for name, (net, fn) in nets.items():
-        ref_stats[name] = iscs.feature_stats(fn(ref['images'], net, desc=f'reference ({name})')[0])
-        feats[name] = {k: fn(s['images'], net, desc=f'{k} ({name})')[0] for k, s in smp.items()}
+    for name, _ in NETS:
+        net = checkpoints.load_eval_net(name)
+        ref_stats[name] = iscs.feature_stats(features.extract(name, ref['images'], net, desc=f'reference ({name})')[0])
+        feats[name] = {k: features.extract(name, s['images'], net, desc=f'{k} ({name})')[0] for k, s in smp.items()}
     fid = {name: {k: iscs.frechet_distance(*iscs.feature_stats(f), *ref_stats[name]) for k, f in fs.items()}
            for name, fs in feats.items()}
 
